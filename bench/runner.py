@@ -1,0 +1,175 @@
+"""One run from a config: resolve it, check it, skip it if done, train it, write its records.
+
+Used by ``bench run`` (seeds one after another in this process) and by sweeps (one run per job).
+Everything that can be wrong with the user's input is checked in :func:`prepare` before any file
+is written, so bad input leaves nothing half-written on disk.
+"""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench import records
+from bench.backbones import INPUT_SIZE, build_backbone
+from bench.metrics import GroupStructure
+from bench.records import RunDir
+from bench.trainer import NonFiniteLossError, Progress, TrainData, failure_record, pick_device, seed_everything, train
+from datasets import get_dataset, load_dataset
+from methods import get_method
+from methods.base import MethodContext, parse_overrides, resolve_hparams
+
+PACKAGES = ("torch", "torchvision", "numpy", "pandas", "scipy", "scikit-learn", "debias-bench")
+
+
+@dataclass
+class RunRequest:
+    """What the user asked for (the flags of ``bench run``)."""
+
+    method: str
+    dataset: str
+    hparams: list[str] = field(default_factory=list)
+    epochs: int | None = None
+    backbone: str | None = None
+    data_root: str | None = None
+    dataset_options: dict[str, Any] = field(default_factory=dict)
+    weights: str | None = None
+    out: str = "results"
+    device: str = "auto"
+    workers: int = 0
+
+
+@dataclass
+class PreparedRun:
+    """A checked, resolved request: everything needed to train any of its seeds."""
+
+    request: RunRequest
+    identity: dict[str, Any]  # what defines the run (hashed into its folder name)
+    device: torch.device
+
+    @property
+    def hparams(self) -> dict[str, Any]:
+        return self.identity["hparams"]
+
+    def run_dir(self, seed: int) -> RunDir:
+        return RunDir.for_run(self.request.out, self.request.dataset, self.request.method, self.identity, seed)
+
+
+def prepare(request: RunRequest) -> PreparedRun:
+    """Resolve and validate a request; loads the dataset and builds the model once to fail early."""
+    method_cls = get_method(request.method)
+    source = get_dataset(request.dataset)
+    overrides: dict[str, Any] = parse_overrides(request.hparams)
+    if request.epochs is not None:
+        overrides["epochs"] = request.epochs
+    if request.backbone is not None:
+        overrides["backbone"] = request.backbone
+    hparams = resolve_hparams(method_cls, request.dataset, source.training_defaults, overrides)
+    if source.accepts_image_size:
+        request.dataset_options.setdefault("image_size", INPUT_SIZE[hparams["backbone"]])
+    dataset = load_dataset(request.dataset, request.data_root, request.dataset_options)
+    device = pick_device(request.device)
+    weights = Path(request.weights).expanduser().resolve() if request.weights else None
+    build_backbone(hparams["backbone"], dataset.n_classes, dataset.image_shape[0], hparams["pretrained"], weights)
+    identity = {
+        "method": request.method,
+        "dataset": request.dataset,
+        "dataset_options": request.dataset_options,
+        "hparams": hparams,
+        "weights": str(weights) if weights else None,
+    }
+    return PreparedRun(request=request, identity=identity, device=device)
+
+
+def _git_commit() -> str | None:
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None
+
+
+def _versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for package in PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+def execute(prepared: PreparedRun, seed: int, quiet: bool = False, force: bool = False) -> dict[str, Any]:
+    """Train one seed (or return its finished result); writes the run folder. Returns final.json's content,
+    or a failure record (also written as failed.json) if training raised."""
+    request = prepared.request
+    run_dir = prepared.run_dir(seed)
+    if run_dir.is_done() and not force:
+        return {**run_dir.read_final(), "skipped": True}
+    if force and run_dir.path.exists():
+        for name in (records.FINAL, records.FAILED, records.CHECKPOINT, records.METRICS):
+            (run_dir.path / name).unlink(missing_ok=True)
+    run_dir.failed.unlink(missing_ok=True)
+
+    dataset = load_dataset(request.dataset, request.data_root, request.dataset_options)
+    method_cls = get_method(request.method)
+    info = dataset.info()
+    structure = GroupStructure.from_info(info)
+    config = {
+        **prepared.identity,
+        "seed": seed,
+        "config_hash": records.config_hash(prepared.identity),
+        "dataset_info": info,
+        "primary": method_cls.primary,
+        "uses_train_group_labels": method_cls.uses_train_group_labels,
+        "paper": method_cls.paper,
+        "device": str(prepared.device),
+        "versions": _versions(),
+        "git_commit": _git_commit(),
+        "command": sys.argv,
+        "host": platform.node(),
+        "created": time.time(),
+    }
+    if not run_dir.config.exists():
+        records.atomic_write_json(run_dir.config, config)
+
+    seed_everything(seed)
+    weights = Path(prepared.identity["weights"]) if prepared.identity["weights"] else None
+    hparams = prepared.hparams
+
+    def make_model():  # type: ignore[no-untyped-def]
+        return build_backbone(
+            hparams["backbone"], dataset.n_classes, dataset.image_shape[0], hparams["pretrained"], weights
+        )
+
+    context = MethodContext(
+        hparams=hparams,
+        dataset_info=info,
+        device=prepared.device,
+        make_model=make_model,
+        seed=seed,
+        extras={"run_dir": run_dir, "out": request.out, "request": request},
+    )
+    progress = Progress(quiet=quiet, label=f"{request.method} {request.dataset} seed{seed}")
+    try:
+        method = method_cls(context)
+        data = TrainData(dataset, prepared.device, method_cls.uses_train_group_labels, request.workers)
+        final = train(method, data, run_dir, seed, structure, progress)
+    except (NonFiniteLossError, RuntimeError, ValueError, OSError) as error:
+        failure = failure_record(error)
+        records.atomic_write_json(run_dir.failed, failure)
+        return failure
+    final.update({"method": request.method, "dataset": request.dataset, "seed": seed,
+                  "config_hash": config["config_hash"], "run_dir": str(run_dir.path)})
+    records.atomic_write_json(run_dir.final, final)
+    return final

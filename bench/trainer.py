@@ -1,0 +1,372 @@
+"""The one trainer: runs a method's stages on a dataset, evaluates, records and checkpoints.
+
+Data flows one way: dataset -> trainer (calls the method) -> evaluator -> records. The trainer
+knows nothing about any particular method; methods know nothing about files or evaluation.
+
+Reproducibility: the model initialisation and every random draw of training come from the run's
+seed; the order of examples in an epoch comes from a generator seeded by (seed, stage, epoch), so
+a run resumed from a checkpoint sees exactly the batches an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from bench import records
+from bench.errors import BenchError
+from bench.metrics import GroupStructure, summarize
+from bench.records import RunDir
+from bench.selection import RULES, select
+from datasets.base import FileImages, InMemoryImages, Split, SpuriousDataset
+from methods.base import Batch, Method
+
+EVAL_BATCH_SIZE = 512
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN or infinite; the run is marked failed."""
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """``auto``: CUDA when available, else the CPU; ``cpu``/``cuda``/``cuda:N``/``mps`` force one."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise BenchError(f"--device {requested!r}: expected auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BenchError("--device cuda: no CUDA device is available here; use --device cpu or auto")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _epoch_generator(seed: int, stage_index: int, epoch: int) -> torch.Generator:
+    generator = torch.Generator()
+    generator.manual_seed(seed * 1_000_003 + stage_index * 10_007 + epoch)
+    return generator
+
+
+class TrainData:
+    """The dataset as the trainer and the methods see it: batches, predictions, features.
+
+    Images are normalised here (``(pixels/255 - mean) / std``). Training group labels are only
+    handed out to methods that declare they use them.
+    """
+
+    def __init__(self, dataset: SpuriousDataset, device: torch.device, train_groups_allowed: bool, workers: int = 0):
+        self.dataset = dataset
+        self.device = device
+        self.train_groups_allowed = train_groups_allowed
+        self.workers = workers
+        self._mean = torch.tensor(dataset.mean, device=device).view(1, -1, 1, 1)
+        self._std = torch.tensor(dataset.std, device=device).view(1, -1, 1, 1)
+        self._pixels: dict[str, torch.Tensor] = {}
+        for name, split in dataset.splits.items():
+            if isinstance(split.images, InMemoryImages):
+                self._pixels[name] = split.images.pixels.to(device)
+        self._labels = {name: split.y.to(device) for name, split in dataset.splits.items()}
+        self._groups = {name: split.group.to(device) for name, split in dataset.splits.items()}
+
+    def split(self, name: str) -> Split:
+        return self.dataset.splits[name]
+
+    def n(self, split: str) -> int:
+        return len(self.dataset.splits[split])
+
+    def labels(self, split: str) -> torch.Tensor:
+        return self._labels[split]
+
+    def groups(self, split: str) -> torch.Tensor:
+        if split == "train" and not self.train_groups_allowed:
+            raise RuntimeError("this method declared it does not use training group labels")
+        return self._groups[split]
+
+    def _normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        return (pixels.float() / 255.0 - self._mean) / self._std
+
+    def images(self, split: str, indices: torch.Tensor, train: bool) -> torch.Tensor:
+        """Normalised images of ``indices`` of a split, on the device."""
+        if split in self._pixels:
+            return self._normalise(self._pixels[split][indices.to(self.device)])
+        source = self.dataset.splits[split].images
+        assert isinstance(source, FileImages)
+        stacked = torch.stack([source.load(int(i), train) for i in indices])
+        return ((stacked.to(self.device) - self._mean) / self._std).contiguous()
+
+    def batches(self, split: str, order: torch.Tensor, batch_size: int, train: bool) -> Iterator[torch.Tensor]:
+        """Yield index chunks of ``order``; a trailing batch of one example is dropped in training
+        (batch norm cannot train on it)."""
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            if train and len(chunk) == 1 and len(order) > 1:
+                return
+            yield chunk
+
+    def iter_images(
+        self, split: str, order: torch.Tensor, batch_size: int, train: bool
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(index chunk, images) pairs; file-backed splits are read by DataLoader workers."""
+        chunks = list(self.batches(split, order, batch_size, train))
+        if split in self._pixels or self.workers == 0:
+            for chunk in chunks:
+                yield chunk, self.images(split, chunk, train)
+            return
+        source = self.dataset.splits[split].images
+        loader = torch.utils.data.DataLoader(
+            _FileChunks(source, chunks, train), batch_size=None, num_workers=self.workers, shuffle=False
+        )
+        for chunk, raw in zip(chunks, loader):
+            yield chunk, ((raw.to(self.device) - self._mean) / self._std)
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, split: str, features: bool = False) -> torch.Tensor:
+        """Logits (or penultimate features) of every example of a split, in order, in eval mode."""
+        was_training = model.training
+        model.eval()
+        outputs = []
+        order = torch.arange(self.n(split))
+        for _, x in self.iter_images(split, order, EVAL_BATCH_SIZE, train=False):
+            outputs.append(model.featurizer(x) if features else model(x))
+        model.train(was_training)
+        return torch.cat(outputs)
+
+    def group_counts(self, predictions: torch.Tensor, split: str) -> dict[str, list[int]]:
+        """Per-group correct/total counts of class predictions on a split."""
+        groups = self._groups[split]
+        correct = (predictions.to(self.device) == self._labels[split]).long()
+        n_groups = self.dataset.n_groups
+        return {
+            "correct": torch.bincount(groups, weights=correct, minlength=n_groups).long().tolist(),
+            "total": torch.bincount(groups, minlength=n_groups).tolist(),
+        }
+
+
+class _FileChunks(torch.utils.data.Dataset):
+    def __init__(self, source: FileImages, chunks: list[torch.Tensor], train: bool):
+        self.source, self.chunks, self.train = source, chunks, train
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.stack([self.source.load(int(j), self.train) for j in self.chunks[i]])
+
+
+@dataclass
+class Progress:
+    """Progress display: a tqdm bar per epoch, or nothing with quiet."""
+
+    quiet: bool = False
+    label: str = ""
+
+    def bar(self, total: int, description: str) -> Any:
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=f"{self.label} {description}".strip(), disable=self.quiet, leave=False,
+                    dynamic_ncols=True, mininterval=0.5)
+
+    def message(self, text: str) -> None:
+        if not self.quiet:
+            from tqdm import tqdm
+
+            tqdm.write(text)
+
+
+def evaluate(method: Method, data: TrainData) -> dict[str, dict[str, dict[str, list[int]]]]:
+    """Per-group counts of every predictor of the method on val and test."""
+    result: dict[str, dict[str, dict[str, list[int]]]] = {}
+    for name, model in method.predictors().items():
+        result[name] = {}
+        for split in ("val", "test"):
+            predictions = data.predict(model, split).argmax(dim=1)
+            result[name][split] = data.group_counts(predictions, split)
+    return result
+
+
+def summarize_run(
+    metric_records: list[dict[str, Any]], structure: GroupStructure, rules: list[str] | None = None
+) -> dict[str, Any]:
+    """For each selection rule and each predictor: the chosen evaluation and its val/test metrics."""
+    predictors = sorted({name for r in metric_records for name in r.get("eval", {})})
+    summary: dict[str, Any] = {}
+    for rule in rules or [r for r in RULES if r != "oracle-test"]:
+        summary[rule] = {}
+        for predictor in predictors:
+            index = select(metric_records, predictor, structure, rule)
+            record = metric_records[index]
+            summary[rule][predictor] = {
+                "record_index": index,
+                "stage": record["stage"],
+                "epoch": record["epoch"],
+                **{
+                    split: summarize(*(record["eval"][predictor][split][k] for k in ("correct", "total")), structure)
+                    for split in ("val", "test")
+                },
+            }
+    return summary
+
+
+def train(
+    method: Method,
+    data: TrainData,
+    run_dir: RunDir,
+    seed: int,
+    structure: GroupStructure,
+    progress: Progress,
+    on_epoch_end: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Train ``method`` to completion (resuming from ``run_dir``'s checkpoint if there is one).
+
+    After every epoch: evaluate, append a metrics line, save the checkpoint. Returns final.json's
+    content (also written, atomically, as the very last step).
+    """
+    stages = method.stages()
+    stage_index, epochs_done, n_records, elapsed = 0, 0, 0, 0.0
+    if run_dir.checkpoint.exists():
+        checkpoint = torch.load(run_dir.checkpoint, map_location=data.device, weights_only=False)
+        stage_index, epochs_done = checkpoint["stage_index"], checkpoint["epochs_done"]
+        n_records, elapsed = checkpoint["n_records"], checkpoint["elapsed"]
+        method.begin_stage(stages[stage_index], data, resuming=True)
+        method.load_state_dict(checkpoint["method"])
+        _set_rng_state(checkpoint["rng"])
+        progress.message(f"resuming {run_dir.path} at stage {stages[stage_index].name}, epoch {epochs_done}")
+        resumed_stage = stage_index
+    else:
+        resumed_stage = -1
+    # Metric lines written after the checkpoint belong to an epoch that will be redone.
+    records.truncate_jsonl(run_dir.metrics, n_records)
+
+    batch_size = int(method.hp["batch_size"])
+    step = 0
+    while stage_index < len(stages):
+        stage = stages[stage_index]
+        if stage_index != resumed_stage:
+            method.begin_stage(stage, data, resuming=False)
+        for epoch in range(epochs_done, stage.epochs):
+            started = time.perf_counter()
+            losses: dict[str, float] = {}
+            n_steps = 0
+            if stage.kind == "fit":
+                fit_log = method.fit(stage, data)
+            else:
+                fit_log = {}
+                order = method.epoch_indices(stage, epoch, data.n("train"), _epoch_generator(seed, stage_index, epoch))
+                n_batches = (len(order) + batch_size - 1) // batch_size
+                with progress.bar(n_batches, f"{stage.name} {epoch + 1}/{stage.epochs}") as bar:
+                    for chunk, x in data.iter_images("train", order, batch_size, train=True):
+                        chunk = chunk.to(data.device)
+                        batch = Batch(
+                            x=x,
+                            y=data.labels("train")[chunk],
+                            index=chunk,
+                            group=data.groups("train")[chunk] if data.train_groups_allowed else None,
+                        )
+                        step_losses = method.update(batch)
+                        for key, value in step_losses.items():
+                            if not np.isfinite(value):
+                                raise NonFiniteLossError(
+                                    f"{key} = {value} at stage {stage.name}, epoch {epoch + 1}, step {n_steps + 1}"
+                                )
+                            losses[key] = losses.get(key, 0.0) + value
+                        n_steps += 1
+                        step += 1
+                        bar.update(1)
+                        if n_steps % 10 == 0:
+                            bar.set_postfix({k: f"{v / n_steps:.3f}" for k, v in losses.items()}, refresh=False)
+            train_seconds = time.perf_counter() - started
+            evaluation = evaluate(method, data)
+            elapsed += time.perf_counter() - started
+            record = {
+                "stage": stage.name,
+                "stage_index": stage_index,
+                "epoch": epoch + 1,
+                "selectable": stage.selectable,
+                "train": {k: v / max(n_steps, 1) for k, v in losses.items()},
+                "train_seconds": train_seconds,
+                "elapsed_seconds": elapsed,
+                "method": {**method.epoch_log(), **fit_log},
+                "eval": evaluation,
+            }
+            records.append_jsonl(run_dir.metrics, record)
+            n_records += 1
+            _print_epoch(progress, record, structure, method.primary)
+            records.atomic_torch_save(
+                run_dir.checkpoint,
+                {
+                    "stage_index": stage_index,
+                    "epochs_done": epoch + 1,
+                    "n_records": n_records,
+                    "elapsed": elapsed,
+                    "method": method.state_dict(),
+                    "rng": _rng_state(),
+                },
+            )
+            if on_epoch_end is not None:
+                on_epoch_end()
+        stage_index += 1
+        epochs_done = 0
+
+    metric_records = run_dir.read_metrics()
+    final = {
+        "status": "done",
+        "primary": method.primary,
+        "average_kind": structure.average_kind,
+        "n_evaluations": len(metric_records),
+        "train_seconds_total": elapsed,
+        "selection": summarize_run(metric_records, structure),
+    }
+    return final
+
+
+def _print_epoch(progress: Progress, record: dict[str, Any], structure: GroupStructure, primary: str) -> None:
+    if progress.quiet:
+        return
+    parts = []
+    for name, splits in record["eval"].items():
+        val = summarize(splits["val"]["correct"], splits["val"]["total"], structure)
+        label = "" if name == primary and len(record["eval"]) == 1 else f"{name} "
+        parts.append(
+            f"{label}val worst-group {100 * val['worst_group_accuracy']:.1f} avg {100 * val['average_accuracy']:.1f}"
+        )
+    losses = " ".join(f"{k} {v:.3f}" for k, v in record["train"].items())
+    progress.message(f"{progress.label} {record['stage']} epoch {record['epoch']}: {losses} | " + " | ".join(parts))
+
+
+def failure_record(error: BaseException) -> dict[str, Any]:
+    return {
+        "status": "failed",
+        "error_type": type(error).__name__,
+        "reason": str(error),
+        "traceback": traceback.format_exc(),
+        "time": time.time(),
+    }

@@ -1,0 +1,98 @@
+"""Dataset registry: one file per dataset, each registering itself with :func:`register_dataset`.
+
+A registered dataset is a subclass of :class:`DatasetSource` with class attributes describing it
+(without loading anything) and a ``load`` method returning a :class:`datasets.base.SpuriousDataset`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pkgutil
+from pathlib import Path
+from typing import Any, ClassVar
+
+from bench.errors import ConfigError, DataError
+from datasets.base import SpuriousDataset
+
+_REGISTRY: dict[str, type[DatasetSource]] = {}
+
+
+class DatasetSource:
+    """Describes one dataset and knows how to load it."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    needs_data_root: ClassVar[bool] = False  # False for the synthetic twins
+    # True when the images are resized on load to the backbone's input size (option "image_size").
+    accepts_image_size: ClassVar[bool] = False
+    # Where a user obtains the files (shown when they are missing).
+    obtain_hint: ClassVar[str] = ""
+    # Training protocol defaults of this dataset (backbone, optimiser, lr, ...), with their origin.
+    training_defaults: ClassVar[dict[str, Any]] = {}
+    defaults_origin: ClassVar[str] = ""
+
+    @classmethod
+    def locate(cls, data_root: Path | None) -> Path | None:
+        """The folder holding this dataset's files, or None when it is not found."""
+        return None
+
+    @classmethod
+    def load(cls, data_root: Path | None, options: dict[str, Any]) -> SpuriousDataset:
+        raise NotImplementedError
+
+
+def register_dataset(cls: type[DatasetSource]) -> type[DatasetSource]:
+    """Class decorator adding a dataset to the registry under ``cls.name``."""
+    if cls.name in _REGISTRY:
+        raise ValueError(f"dataset {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _import_all() -> None:
+    package_dir = Path(__file__).parent
+    for module in pkgutil.iter_modules([str(package_dir)]):
+        if not module.name.startswith("_") and module.name != "base":
+            importlib.import_module(f"datasets.{module.name}")
+
+
+def dataset_names() -> list[str]:
+    _import_all()
+    return sorted(_REGISTRY)
+
+
+def get_dataset(name: str) -> type[DatasetSource]:
+    _import_all()
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown dataset {name!r}; choose one of: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def resolve_data_root(data_root: str | Path | None) -> Path | None:
+    """``--data-root`` if given, else the ``BENCH_DATA_ROOT`` environment variable, else None."""
+    if data_root:
+        return Path(data_root).expanduser()
+    env = os.environ.get("BENCH_DATA_ROOT")
+    return Path(env).expanduser() if env else None
+
+
+_LOADED: dict[tuple, SpuriousDataset] = {}
+
+
+def load_dataset(
+    name: str, data_root: str | Path | None = None, options: dict[str, Any] | None = None
+) -> SpuriousDataset:
+    """Load (and memoise per process) a dataset by name; raises DataError when its files are missing."""
+    source = get_dataset(name)
+    root = resolve_data_root(data_root)
+    options = dict(options or {})
+    key = (name, str(root), tuple(sorted((k, str(v)) for k, v in options.items())))
+    if key not in _LOADED:
+        if source.needs_data_root and root is None:
+            raise DataError(
+                f"dataset {name!r} needs its files: pass --data-root DIR or set BENCH_DATA_ROOT"
+                + (f" ({source.obtain_hint})" if source.obtain_hint else "")
+            )
+        _LOADED[key] = source.load(root, options)
+    return _LOADED[key]

@@ -1,0 +1,187 @@
+"""The one dataset contract every dataset in the harness follows.
+
+Every example has an image, a class label ``y``, one value per spurious attribute, a group id derived
+from ``(y, attributes)`` and exactly one split (``train``/``val``/``test``).  The group id is the
+mixed-radix number ``y, a_1, ..., a_k`` (most significant digit first), which reproduces the
+conventions of the reference code: Waterbirds ``g = 2*y + place``, CelebA ``g = 2*Blond_Hair + Male``,
+UrbanCars ``g = 4*obj + 2*bg + co_obj``.
+
+Images come from one of two sources: :class:`InMemoryImages` (a uint8 tensor, used by the synthetic
+twins; batches are gathered by indexing, no per-item Python) or :class:`FileImages` (paths read with
+PIL and a torchvision transform, used by real datasets and ``custom``).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench.errors import DataError
+
+SPLITS = ("train", "val", "test")
+
+# The average a dataset reports as "its" average accuracy, named by kind (see bench.metrics).
+AVERAGE_KINDS = ("plain", "train_weighted", "group_mean", "urbancars_id")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class InMemoryImages:
+    """Images held as one uint8 tensor ``[N, C, H, W]``; the trainer gathers batches by indexing."""
+
+    def __init__(self, pixels: torch.Tensor) -> None:
+        if pixels.dtype != torch.uint8 or pixels.ndim != 4:
+            raise ValueError("InMemoryImages needs a uint8 tensor of shape [N, C, H, W]")
+        self.pixels = pixels
+
+    def __len__(self) -> int:
+        return self.pixels.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.pixels.shape[1:])  # type: ignore[return-value]
+
+
+class FileImages:
+    """Images read from files; ``load(i)`` returns a float tensor ``[C, H, W]`` in [0, 1]."""
+
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        train_transform: Callable[[Any], torch.Tensor],
+        eval_transform: Callable[[Any], torch.Tensor],
+        shape: tuple[int, int, int],
+    ) -> None:
+        self.paths = list(paths)
+        self.train_transform = train_transform
+        self.eval_transform = eval_transform
+        self._shape = shape
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self._shape
+
+    def load(self, index: int, train: bool) -> torch.Tensor:
+        from PIL import Image
+
+        path = self.paths[index]
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+        except (OSError, ValueError) as error:
+            raise DataError(f"{path}: cannot read image ({error}); re-copy or remove that file") from error
+        transform = self.train_transform if train else self.eval_transform
+        return transform(image)
+
+
+@dataclass
+class Split:
+    """One split of a dataset: labels, attributes, groups and the image source."""
+
+    name: str
+    y: torch.Tensor  # [N] long
+    attrs: torch.Tensor  # [N, n_attrs] long
+    group: torch.Tensor  # [N] long
+    images: InMemoryImages | FileImages
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+
+@dataclass
+class SpuriousDataset:
+    """A loaded dataset: names, group structure and the three splits."""
+
+    name: str
+    class_names: list[str]
+    attr_names: list[str]
+    attr_value_names: list[list[str]]  # attr_value_names[k][v]: name of value v of attribute k
+    splits: dict[str, Split]
+    average_kind: str  # which average is this dataset's headline "average accuracy"
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # input normalisation
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    description: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.average_kind not in AVERAGE_KINDS:
+            raise ValueError(f"average_kind must be one of {AVERAGE_KINDS}, got {self.average_kind!r}")
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def attr_cardinalities(self) -> list[int]:
+        return [len(values) for values in self.attr_value_names]
+
+    @property
+    def n_groups(self) -> int:
+        return self.n_classes * int(np.prod(self.attr_cardinalities))
+
+    @property
+    def group_names(self) -> list[str]:
+        names = []
+        for y in range(self.n_classes):
+            for values in itertools.product(*[range(c) for c in self.attr_cardinalities]):
+                parts = [self.class_names[y]] + [self.attr_value_names[k][v] for k, v in enumerate(values)]
+                names.append("/".join(parts))
+        return names
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.splits["train"].images.shape
+
+    def group_counts(self, split: str) -> list[int]:
+        counts = torch.bincount(self.splits[split].group, minlength=self.n_groups)
+        return [int(c) for c in counts]
+
+    def info(self) -> dict[str, Any]:
+        """Everything the evaluator and the records need to know about the dataset."""
+        return {
+            "name": self.name,
+            "class_names": self.class_names,
+            "attr_names": self.attr_names,
+            "attr_value_names": self.attr_value_names,
+            "group_names": self.group_names,
+            "n_classes": self.n_classes,
+            "n_groups": self.n_groups,
+            "average_kind": self.average_kind,
+            "group_counts": {split: self.group_counts(split) for split in self.splits},
+            "image_shape": list(self.image_shape),
+        }
+
+
+def group_ids(y: torch.Tensor, attrs: torch.Tensor, attr_cardinalities: Sequence[int]) -> torch.Tensor:
+    """Mixed-radix group id of ``(y, a_1, ..., a_k)``: ``y`` is the most significant digit."""
+    group = y.clone().long()
+    for k, cardinality in enumerate(attr_cardinalities):
+        group = group * cardinality + attrs[:, k].long()
+    return group
+
+
+def make_split(
+    name: str,
+    y: torch.Tensor,
+    attrs: torch.Tensor,
+    images: InMemoryImages | FileImages,
+    attr_cardinalities: Sequence[int],
+) -> Split:
+    """Build a split, deriving the group ids; checks that the arrays agree in length."""
+    y = torch.as_tensor(y, dtype=torch.long)
+    attrs = torch.as_tensor(attrs, dtype=torch.long)
+    if attrs.ndim == 1:
+        attrs = attrs[:, None]
+    if not (len(y) == attrs.shape[0] == len(images)):
+        raise ValueError(f"split {name}: {len(y)} labels, {attrs.shape[0]} attribute rows, {len(images)} images")
+    return Split(name=name, y=y, attrs=attrs, group=group_ids(y, attrs, attr_cardinalities), images=images)
