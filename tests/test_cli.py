@@ -1,0 +1,106 @@
+"""The CLI end to end: user errors (one line, exit 2, nothing written), listing, hparam resolution."""
+
+import json
+
+import pytest
+
+from bench.cli import main
+from helpers import write_custom_dataset
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_custom_dataset(tmp_path_factory.mktemp("cli"), n_per_group=4)
+
+
+def _user_error(capsys, args, tmp_path, expected):
+    out = tmp_path / "results"
+    status = main(args + ["--out", str(out), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert status == 2, err
+    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+    assert expected in err
+    assert not out.exists()
+
+
+def test_unknown_method(capsys, tmp_path):
+    _user_error(capsys, ["run", "--method", "nope", "--dataset", "custom"], tmp_path, "unknown method 'nope'")
+
+
+def test_unknown_dataset(capsys, tmp_path):
+    _user_error(capsys, ["run", "--method", "erm", "--dataset", "nope"], tmp_path, "unknown dataset 'nope'")
+
+
+def test_unknown_hparam(capsys, tmp_path, data):
+    _user_error(capsys, ["run", "--method", "erm", "--dataset", "custom", "--data-root", str(data),
+                         "--hparams", "learning_rate=0.1"], tmp_path, "unknown hparam 'learning_rate'")
+
+
+@pytest.mark.parametrize("value,expected", [("lr=abc", "expected float"), ("batch_size=0", "must be >= 1"),
+                                            ("optimizer=rmsprop", "choose one of"), ("epochs=2.5", "expected int"),
+                                            ("lr", "expected key=value")])
+def test_bad_hparam_values(capsys, tmp_path, data, value, expected):
+    _user_error(capsys, ["run", "--method", "erm", "--dataset", "custom", "--data-root", str(data),
+                         "--hparams", value], tmp_path, expected)
+
+
+def test_missing_data_root(capsys, tmp_path, monkeypatch):
+    monkeypatch.delenv("BENCH_DATA_ROOT", raising=False)
+    _user_error(capsys, ["run", "--method", "erm", "--dataset", "custom"], tmp_path, "--data-root")
+
+
+def test_data_root_from_environment(capsys, tmp_path, monkeypatch, data):
+    monkeypatch.setenv("BENCH_DATA_ROOT", str(data))
+    assert main(["data", "info", "custom"]) == 0
+    assert "1/red" in capsys.readouterr().out
+
+
+def test_offline_pretrained_weights_give_a_clear_error(capsys, tmp_path, data, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # empty cache; no network in tests
+    _user_error(capsys, ["run", "--method", "erm", "--dataset", "custom", "--data-root", str(data),
+                         "--backbone", "resnet18", "--hparams", "pretrained=true"], tmp_path, "--weights PATH")
+
+
+def test_missing_weights_file(capsys, tmp_path, data):
+    _user_error(capsys, ["run", "--method", "erm", "--dataset", "custom", "--data-root", str(data),
+                         "--backbone", "resnet18", "--weights", str(tmp_path / "absent.pt")], tmp_path, "no such file")
+
+
+def test_list_shows_methods_datasets_backbones(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("erm", "custom", "small-cnn", "resnet50"):
+        assert name in out
+
+
+def test_run_prints_table_with_named_average_and_records(capsys, tmp_path, data):
+    out = tmp_path / "results"
+    status = main(["run", "--method", "erm", "--dataset", "custom", "--data-root", str(data), "--backbone",
+                   "small-cnn", "--epochs", "2", "--seeds", "2", "--seed-offset", "3", "--out", str(out),
+                   "--quiet", "--hparams", "pretrained=false", "batch_size=4"])
+    printed = capsys.readouterr().out
+    assert status == 0
+    assert "mean ± std (n=2)" in printed and "avg (plain)" in printed and "val-worst-group" in printed
+    runs = sorted(out.glob("custom/erm/*/seed*"))
+    assert [r.name for r in runs] == ["seed3", "seed4"]
+    config = json.loads((runs[0] / "config.json").read_text())
+    assert config["hparams"]["epochs"] == 2 and config["hparams"]["batch_size"] == 4
+    assert config["dataset_info"]["group_counts"]["train"] == [4, 4, 4, 4]
+    assert "torch" in config["versions"]
+    lines = (runs[0] / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+    first = json.loads(lines[0])
+    assert set(first["eval"]["model"]) == {"val", "test"}
+    assert first["eval"]["model"]["val"]["total"] == [4, 4, 4, 4]
+
+
+def test_same_seed_gives_same_metrics_on_cpu(tmp_path, data):
+    args = ["run", "--method", "erm", "--dataset", "custom", "--data-root", str(data), "--backbone", "small-cnn",
+            "--epochs", "2", "--quiet", "--hparams", "pretrained=false", "batch_size=4"]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 0
+    assert main(args + ["--out", str(tmp_path / "b")]) == 0
+    (a,) = (tmp_path / "a").glob("custom/erm/*/seed0/metrics.jsonl")
+    (b,) = (tmp_path / "b").glob("custom/erm/*/seed0/metrics.jsonl")
+    strip = lambda path: [{k: v for k, v in json.loads(line).items() if "seconds" not in k}  # noqa: E731
+                          for line in path.read_text().splitlines()]
+    assert strip(a) == strip(b)
