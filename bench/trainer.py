@@ -120,8 +120,14 @@ class TrainData:
             return self._normalise(self._pixels[split][indices.to(self.device)])
         source = self.dataset.splits[split].images
         assert isinstance(source, FileImages)
-        stacked = torch.stack([source.load(int(i), train) for i in indices])
-        return ((stacked.to(self.device) - self._mean) / self._std).contiguous()
+        return self._normalise_file_batch(source.load_batch(indices.tolist(), train))
+
+    def _normalise_file_batch(self, raw: torch.Tensor) -> torch.Tensor:
+        """A batch from ``FileImages.load_batch``: uint8 in [0, 255] (image cache) or float in [0, 1]."""
+        raw = raw.to(self.device)
+        if raw.dtype == torch.uint8:
+            return self._normalise(raw)
+        return ((raw - self._mean) / self._std).contiguous()
 
     def batches(self, split: str, order: torch.Tensor, batch_size: int, train: bool) -> Iterator[torch.Tensor]:
         """Yield index chunks of ``order``; a trailing batch of one example is dropped in training
@@ -146,7 +152,7 @@ class TrainData:
             _FileChunks(source, chunks, train), batch_size=None, num_workers=self.workers, shuffle=False
         )
         for chunk, raw in zip(chunks, loader):
-            yield chunk, ((raw.to(self.device) - self._mean) / self._std)
+            yield chunk, self._normalise_file_batch(raw)
 
     @torch.no_grad()
     def predict(self, model: nn.Module, split: str, features: bool = False) -> torch.Tensor:
@@ -179,7 +185,7 @@ class _FileChunks(torch.utils.data.Dataset):
         return len(self.chunks)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return torch.stack([self.source.load(int(j), self.train) for j in self.chunks[i]])
+        return self.source.load_batch(self.chunks[i].tolist(), self.train)
 
 
 @dataclass

@@ -83,6 +83,11 @@ class FileImages:
         transform = self.train_transform if train else self.eval_transform
         return transform(image)
 
+    def load_batch(self, indices: Sequence[int], train: bool) -> torch.Tensor:
+        """Images of ``indices`` as one batch ``[B, C, H, W]``: float in [0, 1], or uint8 in [0, 255]
+        (the image cache hands out uint8 so that the trainer normalises once per batch, on the device)."""
+        return torch.stack([self.load(int(i), train) for i in indices])
+
 
 @dataclass
 class Split:

@@ -1,0 +1,185 @@
+"""``bench data check NAME`` and ``bench data prepare NAME``: verify a dataset's files, build its image cache.
+
+``check`` loads the dataset (which validates its index files and that every image file exists),
+decodes every image file completely (a truncated or unreadable file is reported by path), prints
+the group counts of every split and compares them with the published counts of the release: any
+difference is an error (exit status 2), shown per group and split in the printed table.
+
+``prepare`` decodes and resizes every image once into the dataset's image cache (see
+datasets/_files.py) at the resolution training will use: ``--image-size`` (default: the input size
+of ``--backbone``, itself resnet50 by default). Training finds and uses the cache automatically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.errors import BenchError, DataError
+
+MAX_LISTED = 5  # unreadable files named in the one-line error (all of them are printed above it)
+
+
+def register(subparsers: dict[str, Any]) -> dict[str, Any]:
+    data = subparsers["data"]
+    check = data.add_parser("check", help="check a dataset's files and compare its group counts with the published")
+    _common_arguments(check)
+    prepare = data.add_parser("prepare", help="build the image cache (decoded, resized images) for fast training")
+    _common_arguments(prepare)
+    prepare.add_argument("--image-size", type=int,
+                         help="input size of the backbone the cache is for (default: that of --backbone)")
+    prepare.add_argument("--backbone", default="resnet50", help="backbone whose input size to use (default resnet50)")
+    prepare.add_argument("--cache-dir", help="where to write the cache (default: $BENCH_IMAGE_CACHE_DIR, "
+                                             "else .bench-cache/ in the dataset folder)")
+    prepare.add_argument("--force", action="store_true", help="rebuild the cache even if it is up to date")
+    return {"data check": cmd_check, "data prepare": cmd_prepare}
+
+
+def _common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", help="dataset name (see `bench list`)")
+    parser.add_argument("--data-root", help="folder holding the dataset (default: $BENCH_DATA_ROOT)")
+    parser.add_argument("--attrs", help="spurious attributes (celeba, custom), comma-separated")
+    parser.add_argument("--data-option", nargs="*", default=[], metavar="KEY=VALUE", help="dataset options")
+    parser.add_argument("--workers", type=int, default=0, help="processes that decode images (default: this one)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    from bench.cli import _dataset_options
+
+    return _dataset_options(args)
+
+
+def _bar(total: int, description: str, quiet: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=description, disable=quiet, leave=False, dynamic_ncols=True, mininterval=0.5,
+                file=sys.stderr)
+
+
+def count_table(dataset: Any, published: dict[str, list[int]] | None) -> tuple[str, int]:
+    """The group-count table (found, and published with differences when known) and the number of
+    (group, split) cells that differ from the published counts."""
+    from tabulate import tabulate
+
+    found = {split: np.asarray(dataset.group_counts(split)) for split in dataset.splits}
+    keys = list(found)
+    for key in published or {}:
+        if key not in found:
+            found[key] = sum(found[part] for part in key.split("+"))
+            keys.append(key)
+    headers = ["group", "name"]
+    columns: list[list[Any]] = []
+    n_differences = 0
+    for key in keys:
+        headers.append(key)
+        columns.append(found[key].tolist())
+        if published and key in published:
+            expected = np.asarray(published[key])
+            if expected.shape != found[key].shape:
+                raise BenchError(f"published counts of {key} have {len(expected)} groups, the dataset "
+                                 f"{len(found[key])}; the dataset's group definition is not the published one")
+            difference = found[key] - expected
+            n_differences += int(np.count_nonzero(difference))
+            headers += [f"{key} published", f"{key} diff"]
+            columns += [expected.tolist(), [f"{d:+d}" if d else "" for d in difference]]
+    rows = [[g, name] + [column[g] for column in columns] for g, name in enumerate(dataset.group_names)]
+    totals = ["", "total"]
+    for header, column in zip(headers[2:], columns):
+        totals.append("" if header.endswith(" diff") else int(sum(column)))
+    rows.append(totals)
+    return tabulate(rows, headers=headers, tablefmt="github"), n_differences
+
+
+def image_paths(dataset: Any) -> list[Path]:
+    """Every distinct image file of a file-backed dataset (none for the synthetic twins)."""
+    from datasets.base import FileImages
+
+    files = dataset.extra.get("image_files")
+    if files is not None:
+        return files.paths()
+    return sorted({path for split in dataset.splits.values() if isinstance(split.images, FileImages)
+                   for path in split.images.paths})
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from datasets import get_dataset, load_dataset
+    from datasets._files import find_unreadable
+
+    source = get_dataset(args.name)
+    options = _options(args)
+    dataset = load_dataset(args.name, args.data_root, options)
+    published_of = getattr(source, "published_counts", None)
+    published = published_of(options) if published_of else None
+    paths = image_paths(dataset)
+    files = dataset.extra.get("image_files")
+    print(f"{dataset.name}" + (f" in {files.root}" if files is not None else "") + f": {len(paths)} image files")
+    table, n_differences = count_table(dataset, published)
+    print(table)
+    if published is None:
+        print(f"No published group counts to compare with for {dataset.name}"
+              + (" with these options" if options else "") + ".")
+    else:
+        origin = getattr(source, "published_origin", "")
+        print(f"Published counts: {origin}." if origin else "")
+
+    if paths:
+        with _bar(len(paths), f"decoding {dataset.name} images", args.quiet) as bar:
+            unreadable = find_unreadable(paths, args.workers, bar.update)
+        for path, reason in unreadable:
+            print(f"unreadable: {path}: {reason}")
+        if unreadable:
+            listed = "; ".join(f"{path} ({reason})" for path, reason in unreadable[:MAX_LISTED])
+            more = f" and {len(unreadable) - MAX_LISTED} more (listed above)" if len(unreadable) > MAX_LISTED else ""
+            raise DataError(f"{len(unreadable)} of {len(paths)} image files cannot be read: {listed}{more}; "
+                            "re-copy or re-extract them")
+        print(f"All {len(paths)} image files decode.")
+    if n_differences:
+        raise DataError(f"{dataset.name}: group counts differ from the published ones in {n_differences} "
+                        "(group, split) cells (see the diff columns above); the files are not the published release")
+    if published is not None:
+        print("Group counts match the published counts.")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from bench.backbones import INPUT_SIZE
+    from datasets import get_dataset, resolve_data_root
+    from datasets._files import CACHE_ENV, FileDatasetSource, build_cache, stale_caches
+
+    source = get_dataset(args.name)
+    if not issubclass(source, FileDatasetSource):
+        raise BenchError(f"bench data prepare: {args.name} has no image cache; it applies to the file-backed "
+                         "benchmarks (waterbirds, celeba, spawrious-*, urbancars)")
+    if args.image_size is None:
+        if args.backbone not in INPUT_SIZE:
+            raise BenchError(f"--backbone {args.backbone!r}: choose one of {', '.join(INPUT_SIZE)}")
+        image_size = INPUT_SIZE[args.backbone]
+    else:
+        image_size = args.image_size
+    if args.cache_dir:
+        os.environ[CACHE_ENV] = str(args.cache_dir)
+    options = {**_options(args), "image_size": image_size}
+    dataset = source.load(resolve_data_root(args.data_root), options)
+    files, pipeline = dataset.extra["image_files"], dataset.extra["pipeline"]
+    if dataset.extra["image_cache"] is not None and not args.force:
+        print(f"{dataset.name}: the image cache is up to date: {dataset.extra['image_cache']}")
+        return 0
+    for stale in stale_caches(dataset.name, files, pipeline.frame):
+        stale.unlink(missing_ok=True)
+        print(f"removed the stale cache {stale} (built from other files)")
+    started = time.perf_counter()
+    with _bar(len(files), f"caching {dataset.name} at {pipeline.frame[0]}x{pipeline.frame[1]}", args.quiet) as bar:
+        path = build_cache(dataset.name, files, pipeline, args.workers, bar.update)
+    seconds = time.perf_counter() - started
+    print(f"{dataset.name}: cached {len(files)} images at {pipeline.frame[0]}x{pipeline.frame[1]} in {path} "
+          f"({path.stat().st_size / 1e9:.2f} GB, {seconds:.0f} s); training at image size {image_size} uses it")
+    if args.cache_dir:
+        print(f"set {CACHE_ENV}={args.cache_dir} when training so that the cache is found")
+    return 0
