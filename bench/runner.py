@@ -20,12 +20,13 @@ import torch
 
 from bench import records
 from bench.backbones import INPUT_SIZE, build_backbone
+from bench.errors import ConfigError
 from bench.metrics import GroupStructure
 from bench.records import RunDir
 from bench.trainer import NonFiniteLossError, Progress, TrainData, failure_record, pick_device, seed_everything, train
 from datasets import get_dataset, load_dataset
 from methods import get_method
-from methods.base import MethodContext, parse_overrides, resolve_hparams
+from methods.base import MethodContext, hparam_specs, parse_overrides, resolve_hparams, sample_hparams
 
 PACKAGES = ("torch", "torchvision", "numpy", "pandas", "scipy", "scikit-learn", "debias-bench")
 
@@ -45,6 +46,9 @@ class RunRequest:
     out: str = "results"
     device: str = "auto"
     workers: int = 0
+    # Hyperparameter draw of a sweep (methods.base.sample_hparams); 0 is the defaults. ``hparams``,
+    # ``epochs`` and ``backbone`` still override the drawn values.
+    draw: int = 0
 
 
 @dataclass
@@ -63,8 +67,10 @@ class PreparedRun:
         return RunDir.for_run(self.request.out, self.request.dataset, self.request.method, self.identity, seed)
 
 
-def prepare(request: RunRequest) -> PreparedRun:
-    """Resolve and validate a request; loads the dataset and builds the model once to fail early."""
+def run_identity(request: RunRequest) -> dict[str, Any]:
+    """What defines the run (hence its folder), resolved and validated without loading data or building
+    a model, so that sweeps can plan thousands of runs in seconds. Sets ``dataset_options["image_size"]``
+    as :func:`prepare` does."""
     method_cls = get_method(request.method)
     source = get_dataset(request.dataset)
     overrides: dict[str, Any] = parse_overrides(request.hparams)
@@ -72,20 +78,34 @@ def prepare(request: RunRequest) -> PreparedRun:
         overrides["epochs"] = request.epochs
     if request.backbone is not None:
         overrides["backbone"] = request.backbone
+    if request.draw < 0:
+        raise ConfigError(f"hyperparameter draw {request.draw}: must be >= 0")
+    if request.draw:
+        # Only the tuned hparams are drawn; the user's overrides still win over them.
+        drawn = sample_hparams(method_cls, request.dataset, source.training_defaults, request.draw)
+        tuned = {name: drawn[name] for name, spec in hparam_specs(method_cls).items() if spec.search is not None}
+        overrides = {**tuned, **overrides}
     hparams = resolve_hparams(method_cls, request.dataset, source.training_defaults, overrides)
     if source.accepts_image_size:
         request.dataset_options.setdefault("image_size", INPUT_SIZE[hparams["backbone"]])
-    dataset = load_dataset(request.dataset, request.data_root, request.dataset_options)
-    device = pick_device(request.device)
     weights = Path(request.weights).expanduser().resolve() if request.weights else None
-    build_backbone(hparams["backbone"], dataset.n_classes, dataset.image_shape[0], hparams["pretrained"], weights)
-    identity = {
+    return {
         "method": request.method,
         "dataset": request.dataset,
         "dataset_options": request.dataset_options,
         "hparams": hparams,
         "weights": str(weights) if weights else None,
     }
+
+
+def prepare(request: RunRequest) -> PreparedRun:
+    """Resolve and validate a request; loads the dataset and builds the model once to fail early."""
+    identity = run_identity(request)
+    hparams = identity["hparams"]
+    dataset = load_dataset(request.dataset, request.data_root, request.dataset_options)
+    device = pick_device(request.device)
+    weights = Path(identity["weights"]) if identity["weights"] else None
+    build_backbone(hparams["backbone"], dataset.n_classes, dataset.image_shape[0], hparams["pretrained"], weights)
     return PreparedRun(request=request, identity=identity, device=device)
 
 
@@ -128,6 +148,7 @@ def execute(prepared: PreparedRun, seed: int, quiet: bool = False, force: bool =
     config = {
         **prepared.identity,
         "seed": seed,
+        "hparams_draw": request.draw,
         "config_hash": records.config_hash(prepared.identity),
         "dataset_info": info,
         "primary": method_cls.primary,
