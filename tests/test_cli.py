@@ -3,9 +3,9 @@
 import json
 
 import pytest
+from helpers import write_custom_dataset
 
 from bench.cli import main
-from helpers import write_custom_dataset
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,11 @@
 """The ``custom`` dataset: loading, groups, and every validation error (one line, file and row, exit 2)."""
 
 import pytest
+from helpers import write_custom_dataset
 
 from bench.cli import main
 from bench.errors import DataError
 from datasets import get_dataset
-from helpers import write_custom_dataset
 
 
 @pytest.fixture()

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import write_custom_dataset
 
 from bench import records
 from bench.records import RunDir
-from helpers import write_custom_dataset
 
 BENCH = [sys.executable, "-m", "bench.cli"]
 
