@@ -26,6 +26,9 @@ EXIT_RUN_FAILED = 1
 # returned keys are "NAME" or "data NAME", and a handler takes the parsed arguments and returns the
 # exit status. Add one line per module.
 COMMAND_MODULES: list[str] = [
+    "bench.sweep",
+    "bench.report",
+    "bench.data_tools",
 ]
 
 
