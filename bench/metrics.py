@@ -4,6 +4,12 @@ Everything here is a pure function of ``correct[g]`` and ``total[g]`` (the numbe
 classified and of all examples of group ``g`` in one split) plus the dataset's group structure, so
 any metric can be recomputed later from the run records alone.
 
+Every function takes counts of shape ``[..., G]`` (groups on the last axis, any leading batch axes,
+e.g. ``[n_evaluations, G]`` for all evaluations of many runs at once) and computes each split (each
+row) on its own: a ``[..., G]`` input gives ``[...]`` values, exactly those of one call per row, and
+a one-dimensional input (one split) gives a Python float. ``bench report`` aggregates thousands of
+runs with these same functions, so there is one definition of every metric.
+
 "Average accuracy" means different things in different papers; we never print a bare "average":
 
 * ``plain``: correct / total over all examples of the split (DFR, CelebA, Spawrious convention).
@@ -32,6 +38,9 @@ AVERAGE_LABELS = {
 
 # UrbanCars: both spurious cues are aligned with the object class with this ratio in training.
 URBANCARS_TRAIN_RATIO = 0.95
+
+# Counts of one split ([G]) or of many ([..., G]): lists, nested lists or arrays.
+Counts = Sequence[float] | Sequence[Sequence[float]] | np.ndarray
 
 
 @dataclass(frozen=True)
@@ -64,45 +73,76 @@ class GroupStructure:
         return np.arange(self.n_groups) // (self.n_groups // self.n_classes)
 
 
-def _as_counts(correct: Sequence[float], total: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+def _as_counts(correct: Counts, total: Counts) -> tuple[np.ndarray, np.ndarray]:
     correct_array = np.asarray(correct, dtype=float)
     total_array = np.asarray(total, dtype=float)
     if correct_array.shape != total_array.shape:
         raise ValueError(f"correct {correct_array.shape} and total {total_array.shape} differ in shape")
+    if correct_array.ndim == 0:
+        raise ValueError("counts need a group axis (one count per group)")
     if np.any(correct_array > total_array) or np.any(correct_array < 0):
         raise ValueError("each group needs 0 <= correct <= total")
-    return correct_array, total_array
+    # Row-major, so that sums over the groups of a batch add in the same order as for one split.
+    return np.ascontiguousarray(correct_array), np.ascontiguousarray(total_array)
 
 
-def group_accuracies(correct: Sequence[float], total: Sequence[float]) -> np.ndarray:
-    """Accuracy of each group; NaN for a group with no example."""
+def _per_split(values: np.ndarray) -> np.ndarray | float:
+    """A reduction over the groups as returned: a float for one split, else the ``[...]`` array."""
+    return float(values) if values.ndim == 0 else values
+
+
+def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    """``numerator / denominator``, NaN where the denominator is 0 (nothing to measure), without warnings."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, numerator / np.maximum(denominator, 1), np.nan)
+
+
+def _nanmin_groups(values: np.ndarray) -> np.ndarray:
+    """Minimum over the last axis ignoring NaN; NaN where all are NaN (numpy's nanmin would warn)."""
+    present = ~np.isnan(values)
+    lowest = np.where(present, values, np.inf).min(axis=-1)
+    return np.where(present.any(axis=-1), lowest, np.nan)
+
+
+def _nanmean_groups(values: np.ndarray) -> np.ndarray:
+    """Mean over the last axis ignoring NaN (numpy's nanmean: sum of the others / their number); NaN
+    where all are NaN, without numpy's warning."""
+    present = ~np.isnan(values)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(present, values, 0.0).sum(axis=-1) / present.sum(axis=-1)
+
+
+def group_accuracies(correct: Counts, total: Counts) -> np.ndarray:
+    """Accuracy of each group, ``[..., G]``; NaN for a group with no example."""
+    correct_array, total_array = _as_counts(correct, total)
+    return _ratio(correct_array, total_array)
+
+
+def worst_group_accuracy(correct: Counts, total: Counts) -> np.ndarray | float:
+    """Minimum accuracy over the groups that have at least one example.
+
+    Raises ValueError if a split has no example at all (a caller error: nothing was evaluated).
+    """
+    accuracies = group_accuracies(correct, total)
+    present = ~np.isnan(accuracies)
+    if not np.all(present.any(axis=-1)):
+        raise ValueError("no group has any example")
+    return _per_split(np.where(present, accuracies, np.inf).min(axis=-1))
+
+
+def plain_accuracy(correct: Counts, total: Counts) -> np.ndarray | float:
+    """Fraction of all examples classified correctly (NaN for a split with no example)."""
     correct_array, total_array = _as_counts(correct, total)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(total_array > 0, correct_array / np.maximum(total_array, 1), np.nan)
+        return _per_split(correct_array.sum(axis=-1) / total_array.sum(axis=-1))
 
 
-def worst_group_accuracy(correct: Sequence[float], total: Sequence[float]) -> float:
-    """Minimum accuracy over the groups that have at least one example."""
-    accuracies = group_accuracies(correct, total)
-    if np.all(np.isnan(accuracies)):
-        raise ValueError("no group has any example")
-    return float(np.nanmin(accuracies))
-
-
-def plain_accuracy(correct: Sequence[float], total: Sequence[float]) -> float:
-    """Fraction of all examples classified correctly."""
-    correct_array, total_array = _as_counts(correct, total)
-    return float(correct_array.sum() / total_array.sum())
-
-
-def group_mean_accuracy(correct: Sequence[float], total: Sequence[float]) -> float:
+def group_mean_accuracy(correct: Counts, total: Counts) -> np.ndarray | float:
     """Unweighted mean of the accuracies of the non-empty groups."""
-    return float(np.nanmean(group_accuracies(correct, total)))
+    return _per_split(_nanmean_groups(group_accuracies(correct, total)))
 
 
-def train_weighted_accuracy(
-    correct: Sequence[float], total: Sequence[float], train_group_counts: Sequence[float]
-) -> float:
+def train_weighted_accuracy(correct: Counts, total: Counts, train_group_counts: Sequence[float]) -> np.ndarray | float:
     """Group accuracies weighted by the training group proportions (WILDS ``adj_acc_avg``).
 
     Groups with training examples but none in this split make the value undefined (NaN).
@@ -110,29 +150,33 @@ def train_weighted_accuracy(
     weights = np.asarray(train_group_counts, dtype=float)
     accuracies = group_accuracies(correct, total)
     used = weights > 0
-    if np.any(np.isnan(accuracies[used])):
-        return float("nan")
-    return float(np.sum(weights[used] * accuracies[used]) / weights[used].sum())
+    # Boolean indexing of the last axis may lay the result out column-major; summing rows of a
+    # row-major array keeps numpy's summation order that of one split, so a batch equals its rows.
+    used_accuracies = np.ascontiguousarray(accuracies[..., used])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        weighted = np.sum(weights[used] * used_accuracies, axis=-1) / weights[used].sum()
+    return _per_split(np.where(np.isnan(used_accuracies).any(axis=-1), np.nan, weighted))
 
 
-def class_accuracies(correct: Sequence[float], total: Sequence[float], structure: GroupStructure) -> np.ndarray:
-    """Accuracy of each class (pooled over its groups); NaN for a class with no example."""
+def class_accuracies(correct: Counts, total: Counts, structure: GroupStructure) -> np.ndarray:
+    """Accuracy of each class (pooled over its groups), ``[..., n_classes]``; NaN for a class with no example."""
     correct_array, total_array = _as_counts(correct, total)
     classes = structure.class_of_group()
-    class_correct = np.bincount(classes, weights=correct_array, minlength=structure.n_classes)
-    class_total = np.bincount(classes, weights=total_array, minlength=structure.n_classes)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(class_total > 0, class_correct / np.maximum(class_total, 1), np.nan)
+    if correct_array.shape[-1] != len(classes):
+        raise ValueError(f"{correct_array.shape[-1]} group counts for {len(classes)} groups")
+    # Summing counts is exact in float64 (integers), so the matrix product pools them exactly.
+    membership = (classes[:, None] == np.arange(structure.n_classes)[None, :]).astype(float)
+    return _ratio(correct_array @ membership, total_array @ membership)
 
 
-def worst_class_accuracy(correct: Sequence[float], total: Sequence[float], structure: GroupStructure) -> float:
+def worst_class_accuracy(correct: Counts, total: Counts, structure: GroupStructure) -> np.ndarray | float:
     """Minimum per-class accuracy; needs no attribute labels (used for label-free model selection)."""
-    return float(np.nanmin(class_accuracies(correct, total, structure)))
+    return _per_split(_nanmin_groups(class_accuracies(correct, total, structure)))
 
 
 def urbancars_metrics(
-    correct: Sequence[float], total: Sequence[float], ratio: float = URBANCARS_TRAIN_RATIO
-) -> dict[str, float]:
+    correct: Counts, total: Counts, ratio: float = URBANCARS_TRAIN_RATIO
+) -> dict[str, np.ndarray | float]:
     """UrbanCars' metrics exactly as Whac-A-Mole defines them (urbancars_trainers/base_trainer.py).
 
     Groups are ``g = 4*obj + 2*bg + co``. A cue is "present" (aligned) when its value equals the
@@ -140,29 +184,32 @@ def urbancars_metrics(
     on the cell with that alignment. I.D. Acc weights the four A's by the training ratios
     ``w(present) = ratio``, ``w(absent) = 1 - ratio``; each gap is an A minus I.D. Acc.
     """
-    accuracies = group_accuracies(correct, total).reshape(2, 2, 2)  # [obj, bg, co]
+    accuracies = group_accuracies(correct, total)
+    if accuracies.shape[-1] != 8:
+        raise ValueError(f"UrbanCars has 8 groups, got {accuracies.shape[-1]} counts")
+    cells = accuracies.reshape(*accuracies.shape[:-1], 2, 2, 2)  # [..., obj, bg, co]
 
-    def alignment_mean(bg_aligned: bool, co_aligned: bool) -> float:
-        cells = []
+    def alignment_mean(bg_aligned: bool, co_aligned: bool) -> np.ndarray:
+        per_object = []
         for obj in (0, 1):
             bg = obj if bg_aligned else 1 - obj
             co = obj if co_aligned else 1 - obj
-            cells.append(accuracies[obj, bg, co])
-        return float(np.mean(cells))
+            per_object.append(cells[..., obj, bg, co])
+        return (per_object[0] + per_object[1]) / 2
 
     weight = {True: ratio, False: 1.0 - ratio}
     id_acc = sum(
         alignment_mean(bg, co) * weight[bg] * weight[co] for bg in (True, False) for co in (True, False)
     )
     return {
-        "id_acc": float(id_acc),
-        "bg_gap": alignment_mean(False, True) - id_acc,
-        "coobj_gap": alignment_mean(True, False) - id_acc,
-        "bg_coobj_gap": alignment_mean(False, False) - id_acc,
+        "id_acc": _per_split(np.asarray(id_acc)),
+        "bg_gap": _per_split(alignment_mean(False, True) - id_acc),
+        "coobj_gap": _per_split(alignment_mean(True, False) - id_acc),
+        "bg_coobj_gap": _per_split(alignment_mean(False, False) - id_acc),
     }
 
 
-def average_accuracy(correct: Sequence[float], total: Sequence[float], structure: GroupStructure) -> float:
+def average_accuracy(correct: Counts, total: Counts, structure: GroupStructure) -> np.ndarray | float:
     """The dataset's headline average accuracy, of the kind ``structure.average_kind``."""
     kind = structure.average_kind
     if kind == "plain":
@@ -176,8 +223,16 @@ def average_accuracy(correct: Sequence[float], total: Sequence[float], structure
     raise ValueError(f"unknown average kind {kind!r}")
 
 
-def summarize(correct: Sequence[float], total: Sequence[float], structure: GroupStructure) -> dict[str, Any]:
-    """Every metric of one split, each named by what it is."""
+def summarize(correct: Counts, total: Counts, structure: GroupStructure) -> dict[str, Any]:
+    """Every metric of one split, each named by what it is.
+
+    For one split, ``group_accuracies`` is a list with None for an empty group (for JSON); for a
+    batch ``[..., G]``, every value is an array and ``group_accuracies`` the ``[..., G]`` array (NaN).
+    """
+    accuracies = group_accuracies(correct, total)
+    shown_accuracies: Any = accuracies
+    if accuracies.ndim == 1:  # one split: JSON-ready, None for an empty group
+        shown_accuracies = [None if np.isnan(a) else float(a) for a in accuracies]
     result: dict[str, Any] = {
         "worst_group_accuracy": worst_group_accuracy(correct, total),
         "average_accuracy": average_accuracy(correct, total, structure),
@@ -186,7 +241,7 @@ def summarize(correct: Sequence[float], total: Sequence[float], structure: Group
         "group_mean_accuracy": group_mean_accuracy(correct, total),
         "train_weighted_accuracy": train_weighted_accuracy(correct, total, structure.train_group_counts),
         "worst_class_accuracy": worst_class_accuracy(correct, total, structure),
-        "group_accuracies": [None if np.isnan(a) else float(a) for a in group_accuracies(correct, total)],
+        "group_accuracies": shown_accuracies,
     }
     if structure.is_urbancars:
         result.update(urbancars_metrics(correct, total))

@@ -6,13 +6,16 @@ never read. The pipeline is a chain of pure functions:
 
 1. :func:`load_results`: walk the folder, read every run with plain :mod:`json`, count (and skip)
    failed, unfinished, corrupt and duplicate runs, and compute every metric of every evaluation of
-   every predictor at once with numpy (one row per run x evaluation x predictor).
+   every predictor (one row per run x evaluation x predictor) with :mod:`bench.metrics` and
+   :func:`bench.selection.rule_scores`, called once per dataset on all rows: the report has no
+   formula of its own.
 2. :func:`aggregate`: apply a selection rule. Within each run the rule picks an epoch per predictor
-   (the same choice as :func:`bench.selection.select`, vectorised over all runs; the tests check
-   they agree); then, for each (method, dataset), the hyperparameter configuration whose primary
-   predictor has the best mean over seeds of the rule's score at the picked epochs (see
-   :data:`CONFIG_SCORE`); then mean, sample std (ddof=1) and n over the seeds of that configuration,
-   the best method per column, and Welch's t-test against ERM on worst-group accuracy.
+   (:func:`bench.selection.select`'s choice, made for all runs at once with
+   :func:`bench.selection.best_per_group`); then, for each (method, dataset), the hyperparameter
+   configuration whose primary predictor has the best mean over seeds of the rule's score at the
+   picked epochs (see :data:`CONFIG_SCORE`); then mean, sample std (ddof=1) and n over the seeds of
+   that configuration, the best method per column, and Welch's t-test against ERM on worst-group
+   accuracy.
 3. :func:`to_markdown`, :func:`to_latex`, :func:`to_csv`, :func:`to_html` render the result;
    :mod:`bench.plots` draws it.
 
@@ -42,13 +45,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from bench import metrics
 from bench.errors import BenchError
-from bench.metrics import AVERAGE_LABELS, URBANCARS_TRAIN_RATIO, GroupStructure
+from bench.metrics import AVERAGE_LABELS, GroupStructure
 from bench.records import CONFIG, FAILED, FINAL, METRICS
-from bench.selection import DEFAULT_RULE, RULES, check_rule, describe
+from bench.selection import DEFAULT_RULE, RULE_SPLITS, RULES, best_per_group, check_rule, describe, rule_scores
 
-# Which score (a column of the evaluation table) picks the epoch within a run, per rule
-# (None: the last selectable evaluation). Mirrors bench.selection.RULES.
+# The column of the evaluation table that holds each rule's score (computed by
+# bench.selection.rule_scores from the rule's split); None: the rule has no score and picks the last
+# selectable evaluation.
 EPOCH_SCORE: dict[str, str | None] = {
     "val-worst-group": "val_worst_group",
     "val-avg": "val_average",
@@ -90,85 +95,45 @@ METRIC_NAMES: dict[str, str] = {
     "test_bg_coobj_gap": "bg_coobj_gap",
 }
 GAP_COLUMNS = {"test_bg_gap", "test_coobj_gap", "test_bg_coobj_gap"}  # best = closest to 0
+EVALUATION_COLUMNS = ["run", "position", "predictor", "stage", "epoch", "selectable", "dataset", "ga_row",
+                      "val_worst_group", "val_average", "val_worst_class", "test_worst_group", "test_average",
+                      "test_worst_class"] + [c for c, _ in URBANCARS_METRICS]
 
 _SEED_DIR = re.compile(r"seed\d+$")
 _RUN_FILES = (CONFIG, METRICS, FINAL, FAILED)
 
 
 # --------------------------------------------------------------------------------------------
-# Vectorised metrics: the formulas of bench.metrics applied to a matrix of counts, one row per
-# evaluation ([N, G]). tests/test_report.py checks every one against bench.metrics.
+# Metrics of every evaluation: bench.metrics and bench.selection.rule_scores on all rows at once.
 
 
-def group_accuracy_matrix(correct: np.ndarray, total: np.ndarray) -> np.ndarray:
-    """Per-group accuracies ``[N, G]``; NaN where a group has no example."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(total > 0, correct / np.maximum(total, 1), np.nan)
+def _split_columns(split: str, correct: np.ndarray, total: np.ndarray, structure: GroupStructure) -> dict[str, Any]:
+    """The evaluation table's columns of one split (``val`` or ``test``), one value per row of ``[N, G]`` counts.
 
-
-def _nanmin_rows(values: np.ndarray) -> np.ndarray:
-    """Row minimum ignoring NaN; NaN for an all-NaN row (without numpy's warning)."""
-    lowest = np.where(np.isnan(values), np.inf, values).min(axis=1)
-    return np.where(np.isinf(lowest) & (lowest > 0), np.nan, lowest)
-
-
-def _nanmean_rows(values: np.ndarray) -> np.ndarray:
-    present = ~np.isnan(values)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(present, values, 0.0).sum(axis=1) / present.sum(axis=1)
-
-
-def urbancars_matrix(accuracies: np.ndarray, ratio: float = URBANCARS_TRAIN_RATIO) -> dict[str, np.ndarray]:
-    """:func:`bench.metrics.urbancars_metrics` for every row of ``[N, 8]`` group accuracies."""
-    cells = accuracies.reshape(-1, 2, 2, 2)  # [N, obj, bg, co]
-
-    def alignment_mean(bg_aligned: bool, co_aligned: bool) -> np.ndarray:
-        per_object = []
-        for obj in (0, 1):
-            bg = obj if bg_aligned else 1 - obj
-            co = obj if co_aligned else 1 - obj
-            per_object.append(cells[:, obj, bg, co])
-        return (per_object[0] + per_object[1]) / 2
-
-    weight = {True: ratio, False: 1.0 - ratio}
-    id_acc = sum(alignment_mean(bg, co) * weight[bg] * weight[co] for bg in (True, False) for co in (True, False))
-    return {
-        "id_acc": id_acc,
-        "bg_gap": alignment_mean(False, True) - id_acc,
-        "coobj_gap": alignment_mean(True, False) - id_acc,
-        "bg_coobj_gap": alignment_mean(False, False) - id_acc,
-    }
-
-
-def split_metrics(correct: np.ndarray, total: np.ndarray, structure: GroupStructure) -> dict[str, np.ndarray]:
-    """Worst-group, average (of the dataset's kind), worst-class (and UrbanCars') accuracy per row."""
-    accuracies = group_accuracy_matrix(correct, total)
-    kind = structure.average_kind
-    with np.errstate(invalid="ignore", divide="ignore"):
-        if kind == "plain":
-            average = correct.sum(axis=1) / total.sum(axis=1)
-        elif kind == "group_mean":
-            average = _nanmean_rows(accuracies)
-        elif kind == "train_weighted":
-            weights = np.asarray(structure.train_group_counts, dtype=float)
-            used = weights > 0
-            weighted = accuracies[:, used] @ weights[used] / weights[used].sum()
-            average = np.where(np.isnan(accuracies[:, used]).any(axis=1), np.nan, weighted)
-        elif kind == "urbancars_id":
-            average = urbancars_matrix(accuracies)["id_acc"]
-        else:
-            raise ValueError(f"unknown average kind {kind!r}")
-        class_of_group = structure.class_of_group()
-        membership = (class_of_group[:, None] == np.arange(structure.n_classes)[None, :]).astype(float)
-        class_accuracies = group_accuracy_matrix(correct @ membership, total @ membership)
-    result = {
-        "worst_group": _nanmin_rows(accuracies),
-        "average": average,
-        "worst_class": _nanmin_rows(class_accuracies),
-    }
-    if structure.is_urbancars:
-        result.update(urbancars_matrix(accuracies))
-    return result
+    The score of every rule that scores this split (its :data:`EPOCH_SCORE` column, by
+    :func:`bench.selection.rule_scores`) and, for the test split, the metrics the tables show. A row
+    whose split has no example at all gets NaN everywhere (bench.metrics refuses to define its
+    worst-group accuracy; the trainer never finishes such a run, so only hand-made records have one).
+    """
+    # One row-major copy here spares one in each of the bench.metrics calls below.
+    correct, total = np.ascontiguousarray(correct), np.ascontiguousarray(total)
+    has_examples = total.sum(axis=1) > 0
+    if not has_examples.all():
+        inner = _split_columns(split, correct[has_examples], total[has_examples], structure)
+        columns = {}
+        for name, values in inner.items():
+            columns[name] = np.full(len(total), np.nan)
+            columns[name][has_examples] = values
+        return columns
+    columns = {EPOCH_SCORE[rule]: rule_scores(correct, total, structure, rule)
+               for rule in RULES if RULE_SPLITS[rule] == split}
+    if split == "test":
+        columns["test_average"] = metrics.average_accuracy(correct, total, structure)
+        columns["test_worst_class"] = metrics.worst_class_accuracy(correct, total, structure)
+        if structure.is_urbancars:
+            urbancars = metrics.urbancars_metrics(correct, total)
+            columns.update({f"test_{name}": values for name, values in urbancars.items()})
+    return columns
 
 
 # --------------------------------------------------------------------------------------------
@@ -492,8 +457,8 @@ def _load(root: Path) -> Results:
         structure = datasets[label]["structure"]
         counts = np.concatenate([run.counts for _, run in members])
         widths = np.concatenate([run.line_widths for _, run in members]).astype(int)
-        val = split_metrics(counts[:, 0], counts[:, 1], structure)
-        test = split_metrics(counts[:, 2], counts[:, 3], structure)
+        val = _split_columns("val", counts[:, 0], counts[:, 1], structure)
+        test = _split_columns("test", counts[:, 2], counts[:, 3], structure)
         frame = pd.DataFrame({
             "run": np.repeat([run_id for run_id, _ in members], [len(run.predictors) for _, run in members]),
             "position": np.repeat(np.concatenate([run.line_positions for _, run in members]).astype(int), widths),
@@ -503,21 +468,15 @@ def _load(root: Path) -> Results:
             "selectable": np.repeat(np.concatenate([run.line_selectable for _, run in members]).astype(bool), widths),
             "dataset": label,
             "ga_row": np.arange(len(counts)),
-            "val_worst_group": val["worst_group"],
-            "val_average": val["average"],
-            "val_worst_class": val["worst_class"],
-            "test_worst_group": test["worst_group"],
-            "test_average": test["average"],
-            "test_worst_class": test["worst_class"],
+            **val,
+            **test,
         })
         for column, _ in URBANCARS_METRICS:
-            frame[column] = test[column.removeprefix("test_")] if structure.is_urbancars else np.nan
-        frames.append(frame)
-        group_accuracies[label] = group_accuracy_matrix(counts[:, 2], counts[:, 3])
-    columns = ["run", "position", "predictor", "stage", "epoch", "selectable", "dataset", "ga_row",
-               "val_worst_group", "val_average", "val_worst_class", "test_worst_group", "test_average",
-               "test_worst_class"] + [c for c, _ in URBANCARS_METRICS]
-    evaluations = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+            if column not in frame:
+                frame[column] = np.nan
+        frames.append(frame[EVALUATION_COLUMNS])
+        group_accuracies[label] = metrics.group_accuracies(counts[:, 2], counts[:, 3])
+    evaluations = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=EVALUATION_COLUMNS)
     runs = pd.DataFrame(run_rows, columns=["run", "path", "dataset", "method", "config_hash", "seed", "primary",
                                            "hparams"]).set_index("run", drop=False)
     return Results(root, runs, evaluations, group_accuracies, datasets, issues, len(folders))
@@ -530,19 +489,20 @@ def _load(root: Path) -> Results:
 def select_evaluations(evaluations: pd.DataFrame, rule: str) -> pd.DataFrame:
     """The evaluation the rule picks for each (run, predictor): one row each.
 
-    Same choice as :func:`bench.selection.select`: only selectable evaluations are candidates, a NaN
-    score counts as -inf, ties go to the earliest evaluation.
+    :func:`bench.selection.select` for all runs at once, with the same two steps: the rule's score
+    (its :data:`EPOCH_SCORE` column, computed by :func:`bench.selection.rule_scores`) and the pick
+    (:func:`bench.selection.best_per_group`: NaN counts as -inf, ties go to the earliest evaluation)
+    among the selectable evaluations; a rule without a score picks the last of them.
     """
     check_rule(rule)
-    candidates = evaluations[evaluations["selectable"]]
-    keys = [candidates["run"], candidates["predictor"]]
-    score = EPOCH_SCORE[rule]
-    if score is None:
-        picked = candidates["position"].groupby(keys, sort=False).idxmax()
-    else:
-        values = candidates[score].astype(float).fillna(-np.inf)
-        picked = values.groupby(keys, sort=False).idxmax()  # first occurrence of the maximum
-    return evaluations.loc[np.sort(picked.to_numpy())]
+    candidates = np.flatnonzero(evaluations["selectable"].to_numpy(dtype=bool))
+    predictor_codes, predictor_names = pd.factorize(evaluations["predictor"].to_numpy()[candidates])
+    groups = evaluations["run"].to_numpy(dtype=np.int64)[candidates] * max(len(predictor_names), 1) + predictor_codes
+    column = EPOCH_SCORE[rule]
+    # Within a (run, predictor), positions increase with the evaluation: the last one has the highest.
+    scores = evaluations["position" if column is None else column].to_numpy(dtype=float)[candidates]
+    picked = candidates[best_per_group(scores, groups)]
+    return evaluations.iloc[np.sort(picked)]
 
 
 def select_configs(selected: pd.DataFrame, runs: pd.DataFrame, rule: str) -> pd.DataFrame:

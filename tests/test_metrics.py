@@ -1,6 +1,7 @@
 """Metrics against values computed by hand."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -111,3 +112,118 @@ def test_average_kind_labels_cover_all_kinds():
     assert set(metrics.AVERAGE_LABELS) == set(AVERAGE_KINDS)
     assert np.isfinite(metrics.average_accuracy([1, 1, 1, 1], [2, 2, 2, 2],
                                                 GroupStructure(2, (2,), (1, 1, 1, 1), "group_mean")))
+
+
+# --------------------------------------------------------------------------------------------
+# Batched forms: counts [..., G] give one value per split, exactly those of one call per split.
+
+BATCH_STRUCTURES = {
+    "train_weighted": WATERBIRDS,
+    "plain": GroupStructure(2, (2,), (10, 1, 1, 10), "plain"),
+    # 3 classes x 4 attribute values (12 groups: numpy sums 8 or more values pairwise, not one by one);
+    # the last group has no training example (left out of the weighting).
+    "group_mean": GroupStructure(3, (4,), (30, 3, 3, 3, 3, 30, 3, 3, 3, 3, 30, 0), "group_mean"),
+    "urbancars_id": GroupStructure(2, (2, 2), (361, 19, 19, 1, 1, 19, 19, 361), "urbancars_id", is_urbancars=True),
+}
+
+# Each takes (correct, total, structure); reductions give [...] (a float for one split), the others [..., K].
+BATCH_FUNCTIONS = {
+    "group_accuracies": lambda c, t, s: metrics.group_accuracies(c, t),
+    "worst_group_accuracy": lambda c, t, s: metrics.worst_group_accuracy(c, t),
+    "plain_accuracy": lambda c, t, s: metrics.plain_accuracy(c, t),
+    "group_mean_accuracy": lambda c, t, s: metrics.group_mean_accuracy(c, t),
+    "train_weighted_accuracy": lambda c, t, s: metrics.train_weighted_accuracy(c, t, s.train_group_counts),
+    "class_accuracies": metrics.class_accuracies,
+    "worst_class_accuracy": metrics.worst_class_accuracy,
+    "average_accuracy": metrics.average_accuracy,
+}
+PER_GROUP = {"group_accuracies", "class_accuracies"}
+
+
+def three_splits(n_groups: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """[3, G] counts: an ordinary split, one with an empty group, one with a single non-empty group."""
+    rng = np.random.default_rng(seed)
+    total = rng.integers(1, 40, size=(3, n_groups))
+    total[1, 1] = 0
+    total[2, 1:] = 0
+    correct = rng.binomial(total, 0.7)
+    return correct, total
+
+
+@pytest.mark.parametrize("kind", list(BATCH_STRUCTURES))
+def test_a_batch_gives_what_separate_calls_give(kind: str) -> None:
+    structure = BATCH_STRUCTURES[kind]
+    correct, total = three_splits(structure.n_groups, seed=len(kind))
+    functions = dict(BATCH_FUNCTIONS)
+    if structure.is_urbancars:
+        for key in ("id_acc", "bg_gap", "coobj_gap", "bg_coobj_gap"):
+            functions[key] = lambda c, t, s, key=key: metrics.urbancars_metrics(c, t)[key]
+    for name, function in functions.items():
+        batch = function(correct, total, structure)
+        singles = [function(correct[i].tolist(), total[i].tolist(), structure) for i in range(3)]
+        if name in PER_GROUP:
+            assert batch.shape == (3, len(singles[0])), name
+        else:
+            assert isinstance(batch, np.ndarray) and batch.shape == (3,), name
+            assert all(isinstance(single, float) for single in singles), name
+        for i, single in enumerate(singles):
+            np.testing.assert_array_equal(batch[i], single, err_msg=f"{name}, split {i}")  # NaN == NaN here
+    # The cases the splits were made for: an empty group is left out or makes the weighting undefined.
+    assert np.isnan(metrics.train_weighted_accuracy(correct, total, structure.train_group_counts)[1:]).all()
+    assert metrics.worst_group_accuracy(correct, total)[2] == correct[2, 0] / total[2, 0]
+
+
+def test_many_splits_with_more_leading_axes_in_any_memory_layout() -> None:
+    structure = BATCH_STRUCTURES["group_mean"]
+    rng = np.random.default_rng(7)
+    total = rng.integers(1, 40, size=(2, 25, structure.n_groups))  # [2, 25, G]
+    correct = rng.binomial(total, rng.uniform(0.2, 1.0, size=total.shape))
+    for name, function in BATCH_FUNCTIONS.items():
+        singles = np.array([[function(correct[a, b].tolist(), total[a, b].tolist(), structure) for b in range(25)]
+                            for a in range(2)])
+        np.testing.assert_array_equal(function(correct, total, structure), singles, err_msg=name)
+        # Column-major memory (e.g. a transposed array) must not change the order numpy adds a split's groups in.
+        fortran = function(np.asfortranarray(correct[0]), np.asfortranarray(total[0]), structure)
+        np.testing.assert_array_equal(fortran, singles[0], err_msg=name)
+
+
+def test_summarize_of_a_batch() -> None:
+    structure = BATCH_STRUCTURES["urbancars_id"]
+    correct, total = three_splits(8, seed=3)
+    batch = metrics.summarize(correct, total, structure)
+    for i in range(3):
+        single = metrics.summarize(correct[i], total[i], structure)
+        assert batch.keys() == single.keys()
+        for key, value in single.items():
+            if key == "group_accuracies":
+                expected = [np.nan if a is None else a for a in value]
+                np.testing.assert_array_equal(batch[key][i], expected)
+            elif key == "average_kind":
+                assert batch[key] == value
+            else:
+                np.testing.assert_array_equal(batch[key][i], value, err_msg=key)
+
+
+def test_a_batch_with_an_empty_split() -> None:
+    correct, total = np.array([[3, 1], [0, 0]]), np.array([[4, 2], [0, 0]])
+    # Worst-group accuracy of a split without any example is an error, as for a single such split.
+    with pytest.raises(ValueError, match="no group has any example"):
+        metrics.worst_group_accuracy(correct, total)
+    # The others are NaN for it, without numpy's all-NaN warnings.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for values in (metrics.plain_accuracy(correct, total), metrics.group_mean_accuracy(correct, total),
+                       metrics.train_weighted_accuracy(correct, total, (1, 1)),
+                       metrics.worst_class_accuracy(correct, total, GroupStructure(2, (1,), (1, 1)))):
+            assert not np.isnan(values[0]) and np.isnan(values[1])
+
+
+def test_batch_shapes_are_checked() -> None:
+    with pytest.raises(ValueError, match="differ in shape"):
+        metrics.group_accuracies(np.zeros((3, 4)), np.ones((2, 4)))
+    with pytest.raises(ValueError, match="group axis"):
+        metrics.plain_accuracy(1, 2)
+    with pytest.raises(ValueError, match="8 groups"):
+        metrics.urbancars_metrics(np.zeros((3, 4)), np.ones((3, 4)))
+    with pytest.raises(ValueError, match="3 group counts for 4 groups"):
+        metrics.class_accuracies(np.zeros((2, 3)), np.ones((2, 3)), WATERBIRDS)

@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -24,9 +23,11 @@ import pytest
 from PIL import Image
 
 from bench.cli import main
+from bench.errors import ConfigError
 from bench.metrics import GroupStructure, summarize
 from bench.records import CONFIG, FAILED, FINAL, METRICS
 from bench.report import (
+    EPOCH_SCORE,
     aggregate,
     load_results,
     select_evaluations,
@@ -37,7 +38,7 @@ from bench.report import (
     welch_p_value,
     write_report,
 )
-from bench.selection import RULES, select
+from bench.selection import RULE_SPLITS, RULES, best_per_group, rule_scores, select
 
 GOLDEN = Path(__file__).parent / "golden" / "report"
 UPDATE_GOLDEN = os.environ.get("BENCH_UPDATE_GOLDEN") == "1"
@@ -361,7 +362,11 @@ def _random_counts(rng: np.random.Generator, n_groups: int) -> dict[str, list[in
     return {"correct": correct.tolist(), "total": total.tolist()}
 
 
-def test_vectorised_selection_and_metrics_agree_with_the_core(tmp_path: Path) -> None:
+def test_evaluation_table_and_selection_follow_the_records(tmp_path: Path) -> None:
+    """Every row of the evaluation table holds the metrics of its own record (run, line, predictor,
+    split), and each rule picks, per (run, predictor), the line :func:`bench.selection.select` picks
+    from that run's records: the loader's stacking of all runs' counts and the grouped pick lose no
+    row and mix up none. Computed the slow way: one core call per record, one select() per run."""
     rng = np.random.default_rng(0)
     written: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for info in STRUCTURES.values():
@@ -381,24 +386,25 @@ def test_vectorised_selection_and_metrics_agree_with_the_core(tmp_path: Path) ->
     assert results.issues == []
     runs = results.runs.set_index("run")
     evaluations = results.evaluations
+    assert len(evaluations) == sum(len(line["eval"]) for lines in written.values() for line in lines)
+    # The records exercise what selection must get right: undefined (NaN) scores, ties, unselectable lines.
+    assert evaluations["val_average"].isna().any() and not evaluations["selectable"].all()
+    assert evaluations.duplicated(["run", "predictor", "val_worst_group"]).any()
     for row in evaluations.itertuples(index=False):
         info = results.datasets[row.dataset]["info"]
         record = written[(row.dataset, int(runs.at[row.run, "seed"]))][row.position]["eval"][row.predictor]
         structure = GroupStructure.from_info(info)
-        expected = {}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # bench.metrics' nanmin/nanmean of all-NaN rows
-            for split in ("val", "test"):
-                expected[split] = summarize(record[split]["correct"], record[split]["total"], structure)
+        expected = {split: summarize(record[split]["correct"], record[split]["total"], structure)
+                    for split in ("val", "test")}
         for split in ("val", "test"):
             for column, key in (("worst_group", "worst_group_accuracy"), ("average", "average_accuracy"),
                                 ("worst_class", "worst_class_accuracy")):
-                assert getattr(row, f"{split}_{column}") == pytest.approx(expected[split][key], nan_ok=True)
-        if structure.is_urbancars:
-            for key in ("id_acc", "bg_gap", "coobj_gap", "bg_coobj_gap"):
-                assert getattr(row, f"test_{key}") == pytest.approx(expected["test"][key], nan_ok=True)
-        np.testing.assert_allclose(results.group_accuracies[row.dataset][row.ga_row],
-                                   [np.nan if a is None else a for a in expected["test"]["group_accuracies"]])
+                # Exact: a batch gives bit for bit what one call per split gives (NaN equal to NaN).
+                np.testing.assert_array_equal(getattr(row, f"{split}_{column}"), expected[split][key])
+        for key in ("id_acc", "bg_gap", "coobj_gap", "bg_coobj_gap"):
+            np.testing.assert_array_equal(getattr(row, f"test_{key}"), expected["test"].get(key, np.nan))
+        np.testing.assert_array_equal(results.group_accuracies[row.dataset][row.ga_row],
+                                      [np.nan if a is None else a for a in expected["test"]["group_accuracies"]])
     for rule in RULES:
         picked = select_evaluations(evaluations, rule)
         assert len(picked) == evaluations.groupby(["run", "predictor"]).ngroups
@@ -406,6 +412,47 @@ def test_vectorised_selection_and_metrics_agree_with_the_core(tmp_path: Path) ->
             info = results.datasets[row.dataset]["info"]
             lines = written[(row.dataset, int(runs.at[row.run, "seed"]))]
             assert row.position == select(lines, row.predictor, GroupStructure.from_info(info), rule), rule
+
+
+def test_rule_scores_and_the_pick() -> None:
+    structure = GroupStructure.from_info({**BIRDS_INFO, "average_kind": "plain"})
+    correct, total = [[6, 6, 6, 6], [10, 10, 10, 3], [8, 8, 4, 10]], [[TEN] * 4] * 3
+    np.testing.assert_allclose(rule_scores(correct, total, structure, "val-worst-group"), [0.6, 0.3, 0.4])
+    np.testing.assert_allclose(rule_scores(correct, total, structure, "val-avg"), [0.6, 0.825, 0.75])
+    np.testing.assert_allclose(rule_scores(correct, total, structure, "val-worst-class"), [0.6, 0.65, 0.7])
+    assert rule_scores(correct[1], total[1], structure, "oracle-test") == pytest.approx(0.3)  # one split: a float
+    with pytest.raises(ValueError, match="no score"):
+        rule_scores(correct, total, structure, "last")
+    with pytest.raises(ConfigError):
+        rule_scores(correct, total, structure, "best-test")
+    # NaN counts as -inf, ties go to the earliest row, an all-NaN group picks its first row; groups
+    # need not be contiguous and come back in increasing order.
+    scores = [0.5, np.nan, 0.7, 0.2, 0.7, np.nan, np.nan, 0.1]
+    groups = [3, 3, 3, 1, 3, 2, 2, 1]
+    assert best_per_group(scores, groups).tolist() == [3, 5, 2]
+    # The report stores each rule's score in one column of its evaluation table, named by the split scored.
+    assert set(EPOCH_SCORE) == set(RULE_SPLITS) == set(RULES)
+    for rule, split in RULE_SPLITS.items():
+        assert (EPOCH_SCORE[rule] is None) == (split is None)
+        assert split is None or EPOCH_SCORE[rule].startswith(f"{split}_")
+
+
+def test_a_split_without_examples_has_no_metrics_and_is_not_picked(tmp_path: Path) -> None:
+    # Hand-made records (the trainer cannot finish such a run): line 1's validation split is empty.
+    empty = {"correct": [0] * 4, "total": [0] * 4}
+    lines = [evaluation("train", 1, model([5, 5, 5, 5], [6] * 4)), evaluation("train", 2, model([9] * 4, [7] * 4)),
+             evaluation("train", 3, model([4, 4, 4, 4], [8] * 4))]
+    lines[1]["eval"]["model"]["val"] = empty
+    write_run(tmp_path, BIRDS_INFO, "erm", "n000000000", 0, lines)
+    results = load_results(tmp_path)
+    table = results.evaluations.set_index("position")
+    assert table.loc[1, ["val_worst_group", "val_average", "val_worst_class"]].isna().all()
+    assert table.loc[1, "test_worst_group"] == pytest.approx(0.7)
+    for rule, position in (("val-worst-group", 0), ("val-avg", 0), ("last", 2), ("oracle-test", 2)):
+        assert list(select_evaluations(results.evaluations, rule)["position"]) == [position], rule
+    # bench.selection refuses to score a split without examples; the report leaves it out instead.
+    with pytest.raises(ValueError, match="no group has any example"):
+        select(lines, "model", GroupStructure.from_info(BIRDS_INFO), "val-worst-group")
 
 
 # --------------------------------------------------------------------------------------------
