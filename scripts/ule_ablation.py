@@ -1,0 +1,152 @@
+"""The ULE ablation behind docs/ule.md: variants of the penalty, its weight and the warm-up, against ERM.
+
+Every run goes through the harness's own runner (bench.runner), so each one is an ordinary run
+folder under ``--out`` (finished runs are reused, not retrained), selected with the same rule as
+``bench run`` (best validation worst-group accuracy by default). The table reports, per dataset and
+variant, mean ± sample std over seeds (n) of: the validation worst-group accuracy at the selected
+epoch (what the defaults are chosen on), and the test worst-group / average accuracy of the teacher
+and of the student at their selected epochs. Test numbers are reported, never used to choose.
+
+Examples::
+
+    python scripts/ule_ablation.py --datasets waterbirds-synth --variants erm default loss-mse --seeds 2
+    python scripts/ule_ablation.py --datasets urbancars-synth waterbirds-synth --variants all --seeds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.metrics import GroupStructure  # noqa: E402
+from bench.runner import RunRequest, execute, prepare  # noqa: E402
+from bench.selection import DEFAULT_RULE, RULES  # noqa: E402
+from bench.trainer import summarize_run  # noqa: E402
+from datasets._synth import GENERATOR_VERSION  # noqa: E402
+
+# name -> (method, hparam overrides). "default" is ULE as declared in methods/ule.py (with the
+# dataset's dataset_defaults applied); every other variant overrides the knobs it names and resets
+# the others to the class defaults, so that a variant means the same thing on every dataset.
+PAPER = {"grad_target": "logit_true", "grad_norm": "maxabs", "distance": "mse", "penalty_weight": 1.0,
+         "warmup_epochs": 0}
+
+
+def _variant(**changes: Any) -> tuple[str, dict[str, Any]]:
+    return "ule", {**PAPER, **changes}
+
+
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "erm": ("erm", {}),
+    "default": ("ule", {}),
+    "paper": _variant(),
+    "lambda0": _variant(penalty_weight=0.0),
+    "paper-l0.1": _variant(penalty_weight=0.1),
+    "paper-l10": _variant(penalty_weight=10.0),
+    "paper-cosine": _variant(distance="cosine"),
+    "paper-orthogonal": _variant(distance="orthogonal"),
+    "paper-l2": _variant(grad_norm="l2"),
+    "paper-warmup2": _variant(warmup_epochs=2),
+    "logit_pred-mse": _variant(grad_target="logit_pred"),
+    "loss-mse": _variant(grad_target="loss"),
+    "loss-mse-l0.1": _variant(grad_target="loss", penalty_weight=0.1),
+    "loss-mse-l10": _variant(grad_target="loss", penalty_weight=10.0),
+    "loss-cosine": _variant(grad_target="loss", distance="cosine"),
+    "loss-cosine-l10": _variant(grad_target="loss", distance="cosine", penalty_weight=10.0),
+    "loss-orthogonal": _variant(grad_target="loss", distance="orthogonal"),
+    "loss-orthogonal-l10": _variant(grad_target="loss", distance="orthogonal", penalty_weight=10.0),
+    "loss-orthogonal-l30": _variant(grad_target="loss", distance="orthogonal", penalty_weight=30.0),
+    "loss-orthogonal-warmup2": _variant(grad_target="loss", distance="orthogonal", warmup_epochs=2),
+    "loss-mse-warmup2": _variant(grad_target="loss", warmup_epochs=2),
+}
+
+
+def _mean_std(values: list[float]) -> str:
+    array = 100 * np.asarray(values, dtype=float)
+    if len(array) == 0:
+        return "-"
+    std = array.std(ddof=1) if len(array) > 1 else 0.0
+    return f"{array.mean():.1f} ± {std:.1f}"
+
+
+def run_variant(
+    dataset: str, variant: str, seeds: list[int], epochs: int | None, out: str, rule: str,
+    first_epochs: int | None = None,
+) -> dict[str, Any]:
+    """Train (or reuse) every seed of a variant; with ``first_epochs``, select among the first E
+    evaluations only: without a schedule, they are exactly those of a run of E epochs."""
+    method, overrides = VARIANTS[variant]
+    request = RunRequest(method=method, dataset=dataset, epochs=epochs, out=out, device="cpu",
+                         hparams=[f"{k}={v}" for k, v in overrides.items()])
+    prepared = prepare(request)
+    primary = "teacher" if method == "ule" else "model"
+    rows: dict[str, list[float]] = {}
+    seconds: list[float] = []
+    for seed in seeds:
+        started = time.perf_counter()
+        final = execute(prepared, seed, quiet=True)
+        if final.get("status") != "done":
+            raise RuntimeError(f"{dataset} {variant} seed {seed}: {final.get('error_type')}: {final.get('reason')}")
+        if not final.get("skipped"):
+            seconds.append(time.perf_counter() - started)
+        selection = final["selection"][rule]
+        if first_epochs is not None:
+            run_dir = prepared.run_dir(seed)
+            structure = GroupStructure.from_info(run_dir.read_config()["dataset_info"])
+            selection = summarize_run(run_dir.read_metrics()[:first_epochs], structure, [rule])[rule]
+        for predictor, chosen in selection.items():
+            prefix = "main" if predictor == primary else predictor
+            rows.setdefault(f"{prefix}_val_wga", []).append(chosen["val"]["worst_group_accuracy"])
+            rows.setdefault(f"{prefix}_test_wga", []).append(chosen["test"]["worst_group_accuracy"])
+            rows.setdefault(f"{prefix}_test_avg", []).append(chosen["test"]["average_accuracy"])
+    return {"rows": rows, "n": len(seeds), "seconds": seconds, "hparams": prepared.hparams}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", required=True)
+    parser.add_argument("--variants", nargs="+", default=["all"], help=f"any of: all {' '.join(VARIANTS)}")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seed-offset", type=int, default=0)
+    parser.add_argument("--epochs", type=int, help="override the epochs of every run (default: resolved defaults)")
+    # Run folders are keyed by the config, not by the twins' pixels: keep one folder per generator
+    # version so that a regenerated twin is never answered from runs on its previous version.
+    parser.add_argument("--out", default=f"results/ule-ablation/twins-v{GENERATOR_VERSION}")
+    parser.add_argument("--select", default=DEFAULT_RULE, choices=[r for r in RULES if r != "oracle-test"])
+    parser.add_argument("--first-epochs", type=int, help="report as if each run had only its first E epochs")
+    args = parser.parse_args(argv)
+    variants = list(VARIANTS) if args.variants == ["all"] else args.variants
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    seeds = list(range(args.seed_offset, args.seed_offset + args.seeds))
+    header = ("| dataset | variant | n | main val WGA | main test WGA | main test avg | student test WGA "
+              "| student test avg | s/run |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for dataset in args.datasets:
+        for variant in variants:
+            result = run_variant(dataset, variant, seeds, args.epochs, args.out, args.select, args.first_epochs)
+            rows = result["rows"]
+            seconds = f"{np.median(result['seconds']):.0f}" if result["seconds"] else "cached"
+            line = (f"| {dataset} | {variant} | {result['n']} | {_mean_std(rows['main_val_wga'])} "
+                    f"| {_mean_std(rows['main_test_wga'])} | {_mean_std(rows['main_test_avg'])} "
+                    f"| {_mean_std(rows.get('student_test_wga', []))} | {_mean_std(rows.get('student_test_avg', []))} "
+                    f"| {seconds} |")
+            lines.append(line)
+            print(line, flush=True)
+    print()
+    print("\n".join(lines))
+    print(f"\nmain = ULE's teacher (ERM's model for erm); WGA = worst-group accuracy, selection rule {args.select}"
+          + (f" among the first {args.first_epochs} epochs" if args.first_epochs else "")
+          + f"; mean ± sample std over seeds {seeds[0]}..{seeds[-1]}.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
