@@ -31,7 +31,7 @@ import torch
 from bench.errors import ConfigError
 from datasets.base import SPLITS, InMemoryImages, SpuriousDataset, make_split
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 1 was only used while the twins were being tuned
 IMAGE_SIZE = 28
 
 # Fraction of every source reserved for each split: digits per class, and bands of each photo or
@@ -321,16 +321,6 @@ def placed_digits(
     for i, (top, left) in enumerate(offsets):
         alpha[i, top : top + frame, left : left + frame] = digits[rows[i]]
     return np.ascontiguousarray(alpha[:, jitter : jitter + size, jitter : jitter + size])
-
-
-def thickened(alpha: np.ndarray, pixels: int) -> np.ndarray:
-    """Strokes of ``[n, h, w]`` masks made ``pixels`` wider (a max filter over a ``pixels+1`` square)."""
-    out = alpha.copy()
-    for dy in range(pixels + 1):
-        for dx in range(pixels + 1):
-            if dy or dx:
-                out[:, dy:, dx:] = np.maximum(out[:, dy:, dx:], alpha[:, : alpha.shape[1] - dy, : alpha.shape[2] - dx])
-    return out
 
 
 # --------------------------------------------------------------------------------------------------

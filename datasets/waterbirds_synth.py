@@ -123,7 +123,11 @@ class WaterbirdsSynth(DatasetSource):
         "batch_size": 32,
         "epochs": 8,
     }
-    defaults_origin = "tuned here on validation data by scripts/tune_twins.py"
+    defaults_origin = (
+        "tuned here with scripts/tune_twins.py: Adam at batch 32 learns the digit within the CPU budget (8 "
+        "epochs, ~18 s per run on 2 cores); with these defaults ERM fails on the minority groups and a "
+        "group-balanced model does not (difficulty check on val and test, see the script)"
+    )
 
     @classmethod
     def load(cls, data_root: Any, options: dict[str, Any]) -> SpuriousDataset:

@@ -103,8 +103,9 @@ class GroupDRO(Method):
                                   "replacement) instead of a uniform shuffle", bool),
     }
     dataset_defaults = {
-        # The paper's "strong L2" GroupDRO (Sagawa et al. 2020 Table 2 / Appendix; the same lr and weight decay
-        # as the JTT README): SGD momentum 0.9, batch 128, 300 epochs on Waterbirds and 50 on CelebA.
+        # The paper's "strong L2" GroupDRO: lr 1e-5 with weight decay 1.0 (Waterbirds) / 0.1 (CelebA), SGD momentum
+        # 0.9, batch 128, 300 / 50 epochs (Sagawa et al. 2020; the same lr and weight decay as the anniesch/jtt
+        # README commands; see /work/shared/research/methods-datasets.md A1, A5).
         "waterbirds": {"optimizer": "sgd", "momentum": 0.9, "lr": 1e-5, "weight_decay": 1.0, "batch_size": 128,
                        "epochs": 300},
         "celeba": {"optimizer": "sgd", "momentum": 0.9, "lr": 1e-5, "weight_decay": 0.1, "batch_size": 128,

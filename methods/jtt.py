@@ -83,8 +83,9 @@ class JTT(Method):
                                  choices=("eval", "train")),
     }
     dataset_defaults = {
-        # JTT paper Table 6 / anniesch/jtt README: both stages SGD momentum 0.9 with these lr / weight decay,
-        # batch 64; 300 final epochs on Waterbirds, 50 on CelebA.
+        # The JTT paper's values, as in the anniesch/jtt README commands: T and lambda_up per dataset, both stages
+        # SGD momentum 0.9 with these lr / weight decay, batch 64 (generate_downstream.py), 300 final epochs on
+        # Waterbirds and 50 on CelebA (methods-datasets.md A2).
         "waterbirds": {"id_epochs": 60, "upweight": 100, "optimizer": "sgd", "momentum": 0.9, "lr": 1e-5,
                        "weight_decay": 1.0, "batch_size": 64, "epochs": 300},
         "celeba": {"id_epochs": 1, "upweight": 50, "optimizer": "sgd", "momentum": 0.9, "lr": 1e-5,

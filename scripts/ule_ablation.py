@@ -16,12 +16,14 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -29,7 +31,8 @@ from bench.metrics import GroupStructure  # noqa: E402
 from bench.runner import RunRequest, execute, prepare  # noqa: E402
 from bench.selection import DEFAULT_RULE, RULES  # noqa: E402
 from bench.trainer import summarize_run  # noqa: E402
-from datasets._synth import GENERATOR_VERSION  # noqa: E402
+from datasets import load_dataset  # noqa: E402
+from datasets.base import SPLITS  # noqa: E402
 
 # name -> (method, hparam overrides). "default" is ULE as declared in methods/ule.py (with the
 # dataset's dataset_defaults applied); every other variant overrides the knobs it names and resets
@@ -75,6 +78,19 @@ def _mean_std(values: list[float]) -> str:
     return f"{array.mean():.1f} ± {std:.1f}"
 
 
+def data_version(dataset: str) -> str:
+    """Run folders are keyed by the config, not by the data: runs go under a folder named after a hash
+    of the dataset's labels, attributes and (in-memory) pixels, so a regenerated twin is never answered
+    from runs on its previous version, and an edit that leaves the data unchanged keeps them valid."""
+    loaded = load_dataset(dataset)
+    digest = hashlib.sha1()
+    for name in SPLITS:
+        split = loaded.splits[name]
+        for array in (split.y, split.attrs, getattr(split.images, "pixels", torch.zeros(0))):
+            digest.update(array.contiguous().numpy().tobytes())
+    return f"data-{digest.hexdigest()[:10]}"
+
+
 def run_variant(
     dataset: str, variant: str, seeds: list[int], epochs: int | None, out: str, rule: str,
     first_epochs: int | None = None,
@@ -82,8 +98,8 @@ def run_variant(
     """Train (or reuse) every seed of a variant; with ``first_epochs``, select among the first E
     evaluations only: without a schedule, they are exactly those of a run of E epochs."""
     method, overrides = VARIANTS[variant]
-    request = RunRequest(method=method, dataset=dataset, epochs=epochs, out=out, device="cpu",
-                         hparams=[f"{k}={v}" for k, v in overrides.items()])
+    request = RunRequest(method=method, dataset=dataset, epochs=epochs, out=f"{out}/{data_version(dataset)}",
+                         device="cpu", hparams=[f"{k}={v}" for k, v in overrides.items()])
     prepared = prepare(request)
     primary = "teacher" if method == "ule" else "model"
     rows: dict[str, list[float]] = {}
@@ -108,19 +124,81 @@ def run_variant(
     return {"rows": rows, "n": len(seeds), "seconds": seconds, "hparams": prepared.hparams}
 
 
+def common_mode_report(run_dir: Path, n_examples: int = 512) -> str:
+    """Why ``grad_target=logit_true`` can fail: softmax ignores a term added to every logit.
+
+    Loads a finished ULE run's checkpoint and compares, on training examples, the input gradients of
+    the teacher and the student for three scalars: the true-class logit (what the default penalty
+    sees), the margin z_y - max_{k != y} z_k (what the predictions depend on) and the sum of the
+    logits (the common mode, invisible to the softmax). A teacher that meets the penalty through
+    the common mode has a negative true-logit cosine but a positive margin cosine (it still uses
+    what the student uses), and a common-mode gradient much larger than the student's.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from bench.backbones import build_backbone
+    from bench.records import RunDir
+    from bench.trainer import TrainData
+    from datasets import load_dataset
+
+    run = RunDir(run_dir)
+    config = run.read_config()
+    checkpoint = torch.load(run.checkpoint, map_location="cpu", weights_only=False)
+    dataset = load_dataset(config["dataset"], None, config["dataset_options"])
+    data = TrainData(dataset, torch.device("cpu"), train_groups_allowed=False)
+    hparams = config["hparams"]
+    models = {}
+    for name in ("student", "teacher"):
+        model = build_backbone(hparams["backbone"], dataset.n_classes, dataset.image_shape[0])
+        model.load_state_dict(checkpoint["method"][name])
+        models[name] = model.train()
+    indices = torch.linspace(0, data.n("train") - 1, n_examples).long()
+    x, y = data.images("train", indices, train=False), data.labels("train")[indices]
+
+    def gradient(model: torch.nn.Module, kind: str) -> torch.Tensor:
+        leaf = x.clone().requires_grad_(True)
+        logits = model(leaf)
+        true = logits.gather(1, y[:, None])[:, 0]
+        if kind == "true logit":
+            scalar = true.sum()
+        elif kind == "margin":
+            others = logits.scatter(1, y[:, None], float("-inf"))
+            scalar = (true - others.amax(dim=1)).sum()
+        else:
+            scalar = logits.sum()
+        return torch.autograd.grad(scalar, leaf)[0].flatten(1)
+
+    knobs = ", ".join(f"{k}={hparams[k]}" for k in ("grad_target", "grad_norm", "distance", "penalty_weight"))
+    lines = [f"{run_dir} ({config['dataset']}, {knobs}, epochs done {checkpoint['epochs_done']}):",
+             "| scalar | cos(g_T, g_S) | mean norm g_T | mean norm g_S |", "|---|---|---|---|"]
+    for kind in ("true logit", "margin", "sum of logits (common mode)"):
+        teacher, student = gradient(models["teacher"], kind), gradient(models["student"], kind)
+        cosine = F.cosine_similarity(teacher, student, dim=1).mean().item()
+        norms = f"{teacher.norm(dim=1).mean():.3g} | {student.norm(dim=1).mean():.3g}"
+        lines.append(f"| {kind} | {cosine:+.2f} | {norms} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datasets", nargs="+", required=True)
+    parser.add_argument("--datasets", nargs="+")
+    parser.add_argument("--common-mode", nargs="+", type=Path, metavar="RUN_DIR",
+                        help="instead of training: the common-mode diagnosis of finished ULE runs (seed folders)")
     parser.add_argument("--variants", nargs="+", default=["all"], help=f"any of: all {' '.join(VARIANTS)}")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--seed-offset", type=int, default=0)
     parser.add_argument("--epochs", type=int, help="override the epochs of every run (default: resolved defaults)")
-    # Run folders are keyed by the config, not by the twins' pixels: keep one folder per generator
-    # version so that a regenerated twin is never answered from runs on its previous version.
-    parser.add_argument("--out", default=f"results/ule-ablation/twins-v{GENERATOR_VERSION}")
+    parser.add_argument("--out", default="results/ule-ablation")
     parser.add_argument("--select", default=DEFAULT_RULE, choices=[r for r in RULES if r != "oracle-test"])
     parser.add_argument("--first-epochs", type=int, help="report as if each run had only its first E epochs")
     args = parser.parse_args(argv)
+    if args.common_mode:
+        for run_dir in args.common_mode:
+            print(common_mode_report(run_dir) + "\n")
+        return 0
+    if not args.datasets:
+        parser.error("--datasets is required (or --common-mode)")
     variants = list(VARIANTS) if args.variants == ["all"] else args.variants
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -130,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
               "| student test avg | s/run |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for dataset in args.datasets:
+        print(f"{dataset}: runs in {args.out}/{data_version(dataset)}", flush=True)
         for variant in variants:
             result = run_variant(dataset, variant, seeds, args.epochs, args.out, args.select, args.first_epochs)
             rows = result["rows"]
