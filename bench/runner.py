@@ -89,13 +89,17 @@ def run_identity(request: RunRequest) -> dict[str, Any]:
     if source.accepts_image_size:
         request.dataset_options.setdefault("image_size", INPUT_SIZE[hparams["backbone"]])
     weights = Path(request.weights).expanduser().resolve() if request.weights else None
-    return {
+    identity = {
         "method": request.method,
         "dataset": request.dataset,
         "dataset_options": request.dataset_options,
         "hparams": hparams,
         "weights": str(weights) if weights else None,
     }
+    # Only where a source has one, so that the identities of datasets read from files stay as they were.
+    if data_version := source.data_version():
+        identity["data_version"] = data_version
+    return identity
 
 
 def prepare(request: RunRequest) -> PreparedRun:

@@ -41,6 +41,12 @@ class DatasetSource:
     def load(cls, data_root: Path | None, options: dict[str, Any]) -> SpuriousDataset:
         raise NotImplementedError
 
+    @classmethod
+    def data_version(cls) -> str:
+        """A token that changes whenever the data this source yields changes without its files changing
+        (a synthetic twin's generator); part of a run's identity when not empty."""
+        return ""
+
 
 def register_dataset(cls: type[DatasetSource]) -> type[DatasetSource]:
     """Class decorator adding a dataset to the registry under ``cls.name``."""

@@ -23,12 +23,13 @@ import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from bench.errors import ConfigError
+from datasets import DatasetSource
 from datasets.base import SPLITS, InMemoryImages, SpuriousDataset, make_split
 
 GENERATOR_VERSION = 2  # 1 was only used while the twins were being tuned
@@ -67,11 +68,13 @@ def cache_dir() -> Path:
     return Path(configured).expanduser() if configured else Path.home() / ".cache" / "debias-bench"
 
 
+@functools.cache
 def generator_fingerprint(twin_name: str) -> str:
     """Hash of the code that generates a twin (this file and the twin's own file).
 
     Part of the cache key, so that any edit of a recipe regenerates the twin: a stale cache can never
-    be used because somebody forgot to bump GENERATOR_VERSION.
+    be used because somebody forgot to bump GENERATOR_VERSION. Also part of every twin run's identity
+    (:meth:`SyntheticTwinSource.data_version`), so that a finished run on older data is never reused.
     """
     digest = hashlib.sha1()
     for source in (Path(__file__), Path(__file__).with_name(twin_name.replace("-", "_") + ".py")):
@@ -606,3 +609,38 @@ def assemble(spec: TwinSpec, arrays: dict[str, np.ndarray], seed: int) -> Spurio
             "source_boxes": {split: arrays[f"{split}_boxes"] for split in SPLITS},
         },
     )
+
+
+# The twins' shared training protocol: a small CNN from scratch, sized for a CPU (see each twin's
+# ``defaults_origin`` for how its own values were chosen).
+TWIN_TRAINING_DEFAULTS: dict[str, Any] = {
+    "backbone": "small-cnn",
+    "pretrained": False,
+    "optimizer": "adam",
+    "lr": 1e-3,
+    "weight_decay": 1e-4,
+    "momentum": 0.9,
+    "batch_size": 32,
+    "epochs": 8,
+}
+
+
+class SyntheticTwinSource(DatasetSource):
+    """Base of the synthetic twins: generated offline from ``spec`` by ``generate_split``, cached, and
+    versioned by the code that generates them."""
+
+    spec: ClassVar[TwinSpec]
+    needs_data_root = False
+    training_defaults: ClassVar[dict[str, Any]] = TWIN_TRAINING_DEFAULTS
+
+    @staticmethod
+    def generate_split(split: str, seed: int) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    @classmethod
+    def load(cls, data_root: Any, options: dict[str, Any]) -> SpuriousDataset:
+        return load_twin(cls.spec, options, cls.generate_split)
+
+    @classmethod
+    def data_version(cls) -> str:
+        return f"v{GENERATOR_VERSION}-{generator_fingerprint(cls.name)}"

@@ -11,24 +11,21 @@ pixels of any group.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
-
 import numpy as np
 
-from datasets import DatasetSource, register_dataset
+from datasets import register_dataset
 from datasets._synth import (
     IMAGE_SIZE,
+    SyntheticTwinSource,
     TwinSpec,
     blend,
     crop_sources,
     jittered_colours,
     labels_from_group_counts,
-    load_twin,
     split_rng,
     stretch_contrast,
     to_uint8_nchw,
 )
-from datasets.base import SpuriousDataset
 
 NAME = "celeba-synth"
 
@@ -164,26 +161,13 @@ def generate_split(split: str, seed: int) -> dict[str, np.ndarray]:
 
 
 @register_dataset
-class CelebASynth(DatasetSource):
+class CelebASynth(SyntheticTwinSource):
     name = NAME
     description = SPEC.description
-    needs_data_root = False
-    training_defaults: ClassVar[dict[str, Any]] = {
-        "backbone": "small-cnn",
-        "pretrained": False,
-        "optimizer": "adam",
-        "lr": 1e-3,
-        "weight_decay": 1e-4,
-        "momentum": 0.9,
-        "batch_size": 32,
-        "epochs": 8,
-    }
+    spec = SPEC
+    generate_split = staticmethod(generate_split)
     defaults_origin = (
         "tuned here with scripts/tune_twins.py: Adam at batch 32 for 8 epochs fits the CPU budget; with these "
         "defaults ERM fails on blond men and a group-balanced model does not (difficulty check on val and "
         "test, see the script)"
     )
-
-    @classmethod
-    def load(cls, data_root: Any, options: dict[str, Any]) -> SpuriousDataset:
-        return load_twin(SPEC, options, generate_split)

@@ -16,15 +16,16 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from datasets import DatasetSource, register_dataset
+from datasets import register_dataset
 from datasets._synth import (
+    TWIN_TRAINING_DEFAULTS,
     BackgroundStyle,
+    SyntheticTwinSource,
     TwinSpec,
     blend,
     digit_pools,
     draw_digits,
     labels_from_group_counts,
-    load_twin,
     luminance_of,
     mnist_digits,
     placed_digits,
@@ -32,7 +33,6 @@ from datasets._synth import (
     split_rng,
     to_uint8_nchw,
 )
-from datasets.base import SpuriousDataset
 
 NAME = "spawrious-synth"
 
@@ -178,26 +178,14 @@ def generate_split(split: str, seed: int) -> dict[str, np.ndarray]:
 
 
 @register_dataset
-class SpawriousSynth(DatasetSource):
+class SpawriousSynth(SyntheticTwinSource):
     name = NAME
     description = SPEC.description
-    needs_data_root = False
-    training_defaults: ClassVar[dict[str, Any]] = {
-        "backbone": "small-cnn",
-        "pretrained": False,
-        "optimizer": "adam",
-        "lr": 2e-3,
-        "weight_decay": 1e-4,
-        "momentum": 0.9,
-        "batch_size": 32,
-        "epochs": 10,
-    }
+    spec = SPEC
+    generate_split = staticmethod(generate_split)
+    training_defaults: ClassVar[dict[str, Any]] = {**TWIN_TRAINING_DEFAULTS, "lr": 2e-3, "epochs": 10}
     defaults_origin = (
         "tuned here with scripts/tune_twins.py: Adam at lr 2e-3, batch 32, 10 epochs (at lr 1e-3 / 8 epochs "
         "ERM had not started to use the dog); difficulty check on val (in-distribution) and the test "
         "locations, see the script"
     )
-
-    @classmethod
-    def load(cls, data_root: Any, options: dict[str, Any]) -> SpuriousDataset:
-        return load_twin(SPEC, options, generate_split)

@@ -12,14 +12,14 @@ to see than the digit's shape; the background is the stronger of the two, as in 
 from __future__ import annotations
 
 import functools
-from typing import Any, ClassVar
 
 import numpy as np
 
-from datasets import DatasetSource, register_dataset
+from datasets import register_dataset
 from datasets._synth import (
     IMAGE_SIZE,
     BackgroundStyle,
+    SyntheticTwinSource,
     TwinSpec,
     blend,
     contrasting_colours,
@@ -27,14 +27,12 @@ from datasets._synth import (
     draw_digits,
     image_source,
     labels_from_group_counts,
-    load_twin,
     mnist_digits,
     placed_digits,
     render_backgrounds,
     split_rng,
     to_uint8_nchw,
 )
-from datasets.base import SpuriousDataset
 
 NAME = "urbancars-synth"
 
@@ -248,26 +246,13 @@ def generate_split(split: str, seed: int) -> dict[str, np.ndarray]:
 
 
 @register_dataset
-class UrbanCarsSynth(DatasetSource):
+class UrbanCarsSynth(SyntheticTwinSource):
     name = NAME
     description = SPEC.description
-    needs_data_root = False
-    training_defaults: ClassVar[dict[str, Any]] = {
-        "backbone": "small-cnn",
-        "pretrained": False,
-        "optimizer": "adam",
-        "lr": 1e-3,
-        "weight_decay": 1e-4,
-        "momentum": 0.9,
-        "batch_size": 32,
-        "epochs": 8,
-    }
+    spec = SPEC
+    generate_split = staticmethod(generate_split)
     defaults_origin = (
         "tuned here with scripts/tune_twins.py: Adam at batch 32 for 8 epochs fits the CPU budget; with these "
         "defaults ERM fails on the both-conflict groups and a group-balanced model much less (difficulty "
         "check on val and test, see the script)"
     )
-
-    @classmethod
-    def load(cls, data_root: Any, options: dict[str, Any]) -> SpuriousDataset:
-        return load_twin(SPEC, options, generate_split)

@@ -10,27 +10,24 @@ digit's shape takes it several epochs, so ERM leans on the place.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
-
 import numpy as np
 
-from datasets import DatasetSource, register_dataset
+from datasets import register_dataset
 from datasets._synth import (
     BackgroundStyle,
+    SyntheticTwinSource,
     TwinSpec,
     blend,
     contrasting_colours,
     digit_pools,
     draw_digits,
     labels_from_group_counts,
-    load_twin,
     mnist_digits,
     placed_digits,
     render_backgrounds,
     split_rng,
     to_uint8_nchw,
 )
-from datasets.base import SpuriousDataset
 
 NAME = "waterbirds-synth"
 
@@ -109,26 +106,13 @@ def generate_split(split: str, seed: int) -> dict[str, np.ndarray]:
 
 
 @register_dataset
-class WaterbirdsSynth(DatasetSource):
+class WaterbirdsSynth(SyntheticTwinSource):
     name = NAME
     description = SPEC.description
-    needs_data_root = False
-    training_defaults: ClassVar[dict[str, Any]] = {
-        "backbone": "small-cnn",
-        "pretrained": False,
-        "optimizer": "adam",
-        "lr": 1e-3,
-        "weight_decay": 1e-4,
-        "momentum": 0.9,
-        "batch_size": 32,
-        "epochs": 8,
-    }
+    spec = SPEC
+    generate_split = staticmethod(generate_split)
     defaults_origin = (
         "tuned here with scripts/tune_twins.py: Adam at batch 32 learns the digit in 8 epochs (measured: `bench "
         "run --method erm --seeds 3` takes 59 s on 2 idle cores, evaluation included); with these defaults ERM fails "
         "on the minority groups and a group-balanced model does not (difficulty check on val and test, see the script)"
     )
-
-    @classmethod
-    def load(cls, data_root: Any, options: dict[str, Any]) -> SpuriousDataset:
-        return load_twin(SPEC, options, generate_split)

@@ -160,3 +160,19 @@ def test_checkpoint_holds_everything_to_resume(tiny_data, tmp_path):
     assert {"stage_index", "epochs_done", "n_records", "method", "rng"} <= set(checkpoint)
     assert {"model", "optimizer", "extra"} <= set(checkpoint["method"])
     assert {"python", "numpy", "torch"} <= set(checkpoint["rng"])
+
+
+def test_twin_run_identity_follows_the_generating_code(monkeypatch):
+    """A finished run on a twin must not be reused once the twin's generator changed."""
+    from bench import runner
+    from datasets import _synth
+
+    request = runner.RunRequest(method="erm", dataset="waterbirds-synth")
+    before = runner.run_identity(request)
+    assert before["data_version"].startswith(f"v{_synth.GENERATOR_VERSION}-")
+    monkeypatch.setattr(_synth, "generator_fingerprint", lambda twin_name: "0123456789")
+    after = runner.run_identity(runner.RunRequest(method="erm", dataset="waterbirds-synth"))
+    assert after["data_version"] != before["data_version"]
+    assert records.config_hash(after) != records.config_hash(before)
+    # Datasets read from files carry no data version: their identities are unchanged by this.
+    assert "data_version" not in runner.run_identity(runner.RunRequest(method="erm", dataset="waterbirds"))
