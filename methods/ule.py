@@ -21,7 +21,7 @@ from methods.base import Batch, Hparam, Method, MethodContext, Stage, log_unifor
 # dULE (skpritch/dULE-Clinical-Trial-Success-Prediction) uses the same 1e-8.
 NORM_EPS = 1e-8
 
-GRAD_TARGETS = ("logit_true", "loss", "logit_pred")
+GRAD_TARGETS = ("logit_centred", "logit_true", "loss", "logit_pred")
 GRAD_NORMS = ("maxabs", "l2", "none")
 DISTANCES = ("mse", "cosine", "orthogonal")
 
@@ -37,9 +37,13 @@ def gradient_scalar(
 
     ``logit_true``: the logit of the true class; ``logit_pred``: the logit of ``predicted`` (the
     student's predicted class, so that both models' maps explain the same output); ``loss``: the
-    per-example cross-entropy. Summing over the batch gives each example's own gradient in one
-    backward pass (exactly so for a backbone without batch norm; with batch norm in training mode
-    the batch statistics add small cross-example terms).
+    per-example cross-entropy; ``logit_centred``: the true-class logit minus the mean logit, which,
+    unlike a raw logit, the softmax cannot ignore (a term added to every logit changes the raw
+    logit's gradient but neither the predictions nor the cross-entropy: docs/ule.md, "Ablation").
+
+    Summing over the batch gives each example's own gradient in one backward pass (exactly so for a
+    backbone without batch norm; with batch norm in training mode the batch statistics add small
+    cross-example terms).
     """
     if target == "logit_true":
         return logits.gather(1, y[:, None]).sum()
@@ -49,6 +53,8 @@ def gradient_scalar(
         return logits.gather(1, predicted[:, None]).sum()
     if target == "loss":
         return F.cross_entropy(logits, y, reduction="sum")
+    if target == "logit_centred":
+        return (logits.gather(1, y[:, None])[:, 0] - logits.mean(dim=1)).sum()
     raise ValueError(f"unknown grad_target {target!r}; choose one of {GRAD_TARGETS}")
 
 
@@ -121,23 +127,28 @@ class ULE(Method):
     student's input gradient, which is detached: nothing of the teacher reaches the student.
     The teacher is the method's result (``primary``); the student is recorded beside it.
 
-    Implemented default, per batch (ule.md §2.3)::
+    Implemented default, per batch (ule.md §2.3, with the centred logit of docs/ule.md)::
 
         L_S = CE(S(x), y)
-        g_S = stopgrad(d S(x)_y / dx)           # per example, the true-class logit
-        g_T = d T(x)_y / dx                     # with create_graph: the penalty trains T
+        c_M(x) = M(x)_y - mean_k M(x)_k         # centred true-class logit of model M
+        g_S = stopgrad(d c_S(x) / dx)           # per example
+        g_T = d c_T(x) / dx                     # with create_graph: the penalty trains T
         L_T = CE(T(x), y) + penalty_weight * MSE(N(g_T), -N(g_S))
         N(g) = g / (max |g| over the example + 1e-8)
 
     Known from the paper (abstract): the two models, the same batches, the unconstrained student,
     the teacher using the gradient of the student's output with respect to the input, no group
-    labels. Our choices (inferred, ule.md §2.3; the paper's own are unknown): the true-class logit
-    as "output", max-abs normalisation and MSE to the negated map (as in dULE), a detached
+    labels. Our choices (inferred, ule.md §2.3; the paper's own are unknown): the centred
+    true-class logit as "output" (the raw logit, ``logit_true``, was our first default; it lets
+    the teacher meet the penalty through a shift of all its logits that the softmax ignores,
+    without changing a prediction, as measured in docs/ule.md; for two classes the centred logit
+    is half the margin, the single logit of dULE's binary model), max-abs normalisation and MSE
+    to the negated map (as in dULE), a detached
     student gradient, penalty_weight = 1, the student stepping before the teacher on the same
     batch (the order does not matter: the student's gradient is taken before its step), and
     the optional warm-up. The per-dataset defaults in ``dataset_defaults`` say where they come from.
 
-    Knobs: ``penalty_weight`` (lambda), ``grad_target`` (logit_true | loss | logit_pred),
+    Knobs: ``penalty_weight`` (lambda), ``grad_target`` (logit_centred | logit_true | loss | logit_pred),
     ``grad_norm`` (maxabs | l2 | none), ``distance`` (mse | cosine | orthogonal),
     ``warmup_epochs`` (epochs with the penalty off).
 
@@ -165,9 +176,10 @@ class ULE(Method):
             search=log_uniform(-1, 1.5),
         ),
         "grad_target": Hparam(
-            "logit_true",
-            "the scalar whose input gradient is each model's saliency map: the true-class logit, the example's "
-            "cross-entropy, or the logit of the student's predicted class",
+            "logit_centred",
+            "the scalar whose input gradient is each model's saliency map: the true-class logit minus the mean "
+            "logit (blind to a shift of all logits, which the softmax ignores), the raw true-class logit, the "
+            "example's cross-entropy, or the logit of the student's predicted class",
             str,
             choices=GRAD_TARGETS,
         ),

@@ -67,6 +67,15 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "loss-orthogonal-l30": _variant(grad_target="loss", distance="orthogonal", penalty_weight=30.0),
     "loss-orthogonal-warmup2": _variant(grad_target="loss", distance="orthogonal", warmup_epochs=2),
     "loss-mse-warmup2": _variant(grad_target="loss", warmup_epochs=2),
+    # The true-class logit minus the mean logit: the default's reading without its common-mode
+    # loophole (docs/ule.md, "Ablation").
+    "centred-mse": _variant(grad_target="logit_centred"),
+    "centred-mse-l10": _variant(grad_target="logit_centred", penalty_weight=10.0),
+    "centred-mse-l30": _variant(grad_target="logit_centred", penalty_weight=30.0),
+    "centred-cosine": _variant(grad_target="logit_centred", distance="cosine"),
+    "centred-orthogonal": _variant(grad_target="logit_centred", distance="orthogonal"),
+    "centred-orthogonal-l10": _variant(grad_target="logit_centred", distance="orthogonal", penalty_weight=10.0),
+    "centred-mse-warmup2": _variant(grad_target="logit_centred", warmup_epochs=2),
 }
 
 
@@ -93,17 +102,20 @@ def data_version(dataset: str) -> str:
 
 def run_variant(
     dataset: str, variant: str, seeds: list[int], epochs: int | None, out: str, rule: str,
-    first_epochs: int | None = None,
+    first_epochs: int | None = None, device: str = "cpu", train: bool = True,
 ) -> dict[str, Any]:
     """Train (or reuse) every seed of a variant; with ``first_epochs``, select among the first E
-    evaluations only: without a schedule, they are exactly those of a run of E epochs."""
+    evaluations only: without a schedule, they are exactly those of a run of E epochs. With
+    ``train=False`` only the seeds already finished are reported."""
     method, overrides = VARIANTS[variant]
     request = RunRequest(method=method, dataset=dataset, epochs=epochs, out=f"{out}/{data_version(dataset)}",
-                         device="cpu", hparams=[f"{k}={v}" for k, v in overrides.items()])
+                         device=device, hparams=[f"{k}={v}" for k, v in overrides.items()])
     prepared = prepare(request)
     primary = "teacher" if method == "ule" else "model"
     rows: dict[str, list[float]] = {}
     seconds: list[float] = []
+    if not train:
+        seeds = [seed for seed in seeds if prepared.run_dir(seed).is_done()]
     for seed in seeds:
         started = time.perf_counter()
         final = execute(prepared, seed, quiet=True)
@@ -192,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="results/ule-ablation")
     parser.add_argument("--select", default=DEFAULT_RULE, choices=[r for r in RULES if r != "oracle-test"])
     parser.add_argument("--first-epochs", type=int, help="report as if each run had only its first E epochs")
+    parser.add_argument("--device", default="cpu", help="cpu (default: the numbers in docs/ule.md), cuda, auto")
+    parser.add_argument("--no-train", action="store_true", help="only report the seeds already finished")
     args = parser.parse_args(argv)
     if args.common_mode:
         for run_dir in args.common_mode:
@@ -210,11 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     for dataset in args.datasets:
         print(f"{dataset}: runs in {args.out}/{data_version(dataset)}", flush=True)
         for variant in variants:
-            result = run_variant(dataset, variant, seeds, args.epochs, args.out, args.select, args.first_epochs)
+            result = run_variant(dataset, variant, seeds, args.epochs, args.out, args.select, args.first_epochs,
+                                 args.device, train=not args.no_train)
             rows = result["rows"]
             seconds = f"{np.median(result['seconds']):.0f}" if result["seconds"] else "cached"
-            line = (f"| {dataset} | {variant} | {result['n']} | {_mean_std(rows['main_val_wga'])} "
-                    f"| {_mean_std(rows['main_test_wga'])} | {_mean_std(rows['main_test_avg'])} "
+            line = (f"| {dataset} | {variant} | {result['n']} | {_mean_std(rows.get('main_val_wga', []))} "
+                    f"| {_mean_std(rows.get('main_test_wga', []))} | {_mean_std(rows.get('main_test_avg', []))} "
                     f"| {_mean_std(rows.get('student_test_wga', []))} | {_mean_std(rows.get('student_test_avg', []))} "
                     f"| {seconds} |")
             lines.append(line)

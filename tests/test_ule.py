@@ -78,6 +78,8 @@ def _linear_input_gradient(weight: torch.Tensor, bias: torch.Tensor, x: torch.Te
         return weight[y]
     if target == "logit_pred":
         return weight[predicted]
+    if target == "logit_centred":
+        return weight[y] - weight.mean(dim=0)
     # d CE / dx = W^T (softmax(Wx + b) - onehot(y)), per example
     residual = torch.softmax(x @ weight.T + bias, dim=1) - F.one_hot(y, weight.shape[0]).to(x.dtype)
     return residual @ weight
