@@ -56,6 +56,8 @@ class Hparam:
     low: float | None = None
     high: float | None = None
     search: Callable[[np.random.Generator], Any] | None = None  # None: not tuned by sweeps
+    # Values a user may plausibly try that belong elsewhere, each with the pointer shown in the error.
+    refused: dict[Any, str] | None = None
 
     def parse(self, name: str, value: Any) -> Any:
         """Convert a ``--hparams`` string (or a Python value) and check it; ConfigError if invalid."""
@@ -81,6 +83,8 @@ class Hparam:
                 parsed = str(value)
         except (TypeError, ValueError):
             raise ConfigError(f"hparam {name}={value!r}: expected {self.kind.__name__}") from None
+        if self.refused and parsed in self.refused:
+            raise ConfigError(f"hparam {name}={parsed!r}: {self.refused[parsed]}")
         if self.choices is not None and parsed not in self.choices:
             raise ConfigError(f"hparam {name}={parsed!r}: choose one of {', '.join(map(str, self.choices))}")
         if self.low is not None and parsed < self.low:

@@ -294,6 +294,7 @@ class DFR(Method):
             "DFR variant: val = DFR_val (balanced subsets of the validation set); DFR_train is the method dfr-train",
             str,
             choices=("val",),
+            refused={"train": "DFR_train is its own method (it uses training group labels): use --method dfr-train"},
         ),
         "n_refits": Hparam(20, "logistic regressions averaged in the final fit (paper code: 20)", int, low=1),
         "scaler_fit": Hparam(
@@ -502,6 +503,7 @@ class DFRTrain(DFR):
             "DFR variant: train = DFR_train (balanced subsets of the training set); DFR_val is the method dfr",
             str,
             choices=("train",),
+            refused={"val": "DFR_val is the method dfr: use --method dfr"},
         ),
         "n_refits": Hparam(10, "logistic regressions averaged in the final fit (paper code: 10)", int, low=1),
         "scaler_fit": Hparam(

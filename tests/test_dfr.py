@@ -138,8 +138,12 @@ def test_dfr_never_reads_training_groups_and_dfr_train_declares_it():
         data.groups("train")
     method.fit(REFIT, data)
     # DFR_train's balanced training subsets need the training groups: not offered under the name dfr.
-    with pytest.raises(ConfigError, match="variant"):
+    with pytest.raises(ConfigError, match="variant='train': .*--method dfr-train"):
         resolve_hparams(DFR, "dfr-toy", {}, {"variant": "train"})
+    with pytest.raises(ConfigError, match="variant='val': .*--method dfr$"):
+        resolve_hparams(DFRTrain, "dfr-toy", {}, {"variant": "val"})
+    with pytest.raises(ConfigError, match="choose one of val"):
+        resolve_hparams(DFR, "dfr-toy", {}, {"variant": "both"})
     with pytest.raises(ConfigError, match="scaler_fit"):
         resolve_hparams(DFRTrain, "dfr-toy", {}, {"scaler_fit": "val"})
     assert resolve_hparams(DFRTrain, "dfr-toy", {})["n_refits"] == 10
