@@ -32,6 +32,7 @@ from bench.records import RunDir
 from bench.runner import RunRequest, run_identity
 
 ROOT = Path(__file__).resolve().parent.parent
+NOTES_MARKER = "<!-- notes below are written by hand and kept when this file is regenerated -->"
 
 
 def _set_threads(threads: int) -> None:
@@ -118,7 +119,11 @@ def main() -> int:
         "| --- | --- | --- | --- |",
         *[f"| {d} | {m} | {training_seconds(args.out, d, m, args.seeds)} | {status} |" for d, m, _, status in timings],
     ]
-    (docs / "benchmark-twins.md").write_text("\n".join(lines) + "\n")
+    target = docs / "benchmark-twins.md"
+    # The hand-written reading of the table (below NOTES_MARKER) survives a regeneration.
+    previous = target.read_text() if target.exists() else ""
+    notes = previous[previous.index(NOTES_MARKER):] if NOTES_MARKER in previous else ""
+    target.write_text("\n".join(lines) + "\n" + ("\n" + notes if notes else ""))
     return report_status
 
 

@@ -37,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # warm-up step (penalty off: two plain ERM steps).
 SETTINGS: list[tuple[str, str, dict[str, Any]]] = [
     ("erm", "erm", {}),
-    ("ule (default: logit_true, mse)", "ule", {}),
+    ("ule (default: logit_centred, mse)", "ule", {}),
+    ("ule (grad_target=logit_true)", "ule", {"grad_target": "logit_true"}),
     ("ule (grad_target=loss)", "ule", {"grad_target": "loss"}),
     ("ule (warm-up epoch, penalty off)", "ule", {"warmup_epochs": 1}),
 ]
