@@ -159,6 +159,9 @@ def execute(prepared: PreparedRun, seed: int, quiet: bool = False, force: bool =
         "uses_train_group_labels": method_cls.uses_train_group_labels,
         "paper": method_cls.paper,
         "device": str(prepared.device),
+        # CPU results are bit-identical for a seed only at the same thread count (it sets the order of
+        # float sums), so it is recorded with the versions.
+        "torch_threads": torch.get_num_threads(),
         "versions": _versions(),
         "git_commit": _git_commit(),
         "command": sys.argv,

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from helpers import write_custom_dataset
 
 from bench.cli import main
@@ -86,7 +87,7 @@ def test_run_prints_table_with_named_average_and_records(capsys, tmp_path, data)
     config = json.loads((runs[0] / "config.json").read_text())
     assert config["hparams"]["epochs"] == 2 and config["hparams"]["batch_size"] == 4
     assert config["dataset_info"]["group_counts"]["train"] == [4, 4, 4, 4]
-    assert "torch" in config["versions"]
+    assert "torch" in config["versions"] and config["torch_threads"] == torch.get_num_threads()
     lines = (runs[0] / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2
     first = json.loads(lines[0])
