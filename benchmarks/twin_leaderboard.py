@@ -101,8 +101,9 @@ def main() -> int:
     lines = [
         "# Benchmark on the synthetic twins",
         "",
-        f"Made by `{command.strip()}` (every method with its defaults, {args.seeds} seeds, CPU; "
-        f"{args.jobs} job(s) at once, {total / 60:.0f} min wall in all).",
+        f"Made by `{command.strip()}` (every method with its defaults, {args.seeds} seeds, CPU, "
+        f"{args.jobs} job(s) at once; runs already finished are reused, so the cost of a run is in the last "
+        f"table, not in this invocation's {total / 60:.1f} min).",
         "Tables: `bench report` on the results folder, model selection by validation worst-group accuracy.",
         "Plots and the LaTeX/CSV versions: [benchmark-twins/](benchmark-twins/).",
         "",
