@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--weights", help="local backbone weights file (instead of downloading ImageNet weights)")
     run.add_argument("--out", default="results", help="results folder (default: results/)")
     run.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
+    run.add_argument("--deterministic", action="store_true",
+                     help="deterministic GPU kernels only, so that a seed reproduces a run on CUDA too (slower)")
     run.add_argument("--workers", type=int, default=0, help="data loading worker processes for image files")
     run.add_argument("--select", default=DEFAULT_RULE, choices=[r for r in RULES if r != "oracle-test"],
                      help=f"model selection rule for the printed table (default {DEFAULT_RULE})")
@@ -176,6 +178,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         out=args.out,
         device=args.device,
         workers=args.workers,
+        deterministic=args.deterministic,
     )
     prepared = prepare(request)
     if not args.quiet:

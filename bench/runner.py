@@ -23,7 +23,16 @@ from bench.backbones import INPUT_SIZE, build_backbone
 from bench.errors import ConfigError
 from bench.metrics import GroupStructure
 from bench.records import RunDir
-from bench.trainer import NonFiniteLossError, Progress, TrainData, failure_record, pick_device, seed_everything, train
+from bench.trainer import (
+    NonFiniteLossError,
+    Progress,
+    TrainData,
+    failure_record,
+    pick_device,
+    seed_everything,
+    train,
+    use_deterministic_kernels,
+)
 from datasets import get_dataset, load_dataset
 from methods import get_method
 from methods.base import MethodContext, hparam_specs, parse_overrides, resolve_hparams, sample_hparams
@@ -49,6 +58,9 @@ class RunRequest:
     # Hyperparameter draw of a sweep (methods.base.sample_hparams); 0 is the defaults. ``hparams``,
     # ``epochs`` and ``backbone`` still override the drawn values.
     draw: int = 0
+    # Deterministic GPU kernels only (bench.trainer.use_deterministic_kernels). Not part of the run's
+    # identity: it changes how the numbers are computed, not what is computed; recorded in config.json.
+    deterministic: bool = False
 
 
 @dataclass
@@ -162,6 +174,7 @@ def execute(prepared: PreparedRun, seed: int, quiet: bool = False, force: bool =
         # CPU results are bit-identical for a seed only at the same thread count (it sets the order of
         # float sums), so it is recorded with the versions.
         "torch_threads": torch.get_num_threads(),
+        "deterministic": request.deterministic,
         "versions": _versions(),
         "git_commit": _git_commit(),
         "command": sys.argv,
@@ -171,6 +184,8 @@ def execute(prepared: PreparedRun, seed: int, quiet: bool = False, force: bool =
     if not run_dir.config.exists():
         records.atomic_write_json(run_dir.config, config)
 
+    if request.deterministic:
+        use_deterministic_kernels()
     seed_everything(seed)
     weights = Path(prepared.identity["weights"]) if prepared.identity["weights"] else None
     hparams = prepared.hparams

@@ -10,6 +10,7 @@ a run resumed from a checkpoint sees exactly the batches an uninterrupted run wo
 
 from __future__ import annotations
 
+import os
 import random
 import time
 import traceback
@@ -53,6 +54,23 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def use_deterministic_kernels() -> None:
+    """Ask PyTorch for deterministic kernels only (``bench run --deterministic``).
+
+    On the CPU the harness is already bit-reproducible at a fixed thread count; on CUDA, atomic
+    adds in some backward kernels (convolutions, scatter) make two runs of one seed differ
+    slightly. cuBLAS needs a fixed workspace for determinism, set here unless the user set one (it
+    must be set before the first cuBLAS call, which is why this runs before any model is built).
+    The harness's own counting avoids the CUDA ops that have no deterministic kernel; a backbone op
+    without one (e.g. adaptive average pooling's backward on CUDA) makes PyTorch warn, naming it,
+    and the run goes on: a warning in the log means that run is not bit-reproducible on CUDA.
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
 
 
 def _rng_state() -> dict[str, Any]:
@@ -168,8 +186,9 @@ class TrainData:
 
     def group_counts(self, predictions: torch.Tensor, split: str) -> dict[str, list[int]]:
         """Per-group correct/total counts of class predictions on a split."""
-        groups = self._groups[split]
-        correct = (predictions.to(self.device) == self._labels[split]).long()
+        # Counted on the CPU: CUDA's bincount has no deterministic kernel (``--deterministic``).
+        groups = self._groups[split].cpu()
+        correct = (predictions.cpu() == self._labels[split].cpu()).long()
         n_groups = self.dataset.n_groups
         return {
             "correct": torch.bincount(groups, weights=correct, minlength=n_groups).long().tolist(),

@@ -51,9 +51,22 @@ def group_mean_losses(
     per_example: torch.Tensor, groups: torch.Tensor, n_groups: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean loss of each group in the batch, number of its examples); 0 for a group absent from the batch."""
+    if per_example.is_cuda:
+        # CUDA's bincount and index_add use atomics (no deterministic kernel); a one-hot product is
+        # deterministic there. The CPU keeps index_add, whose sums are already in a fixed order.
+        return group_mean_losses_one_hot(per_example, groups, n_groups)
     counts = torch.bincount(groups, minlength=n_groups).to(per_example.dtype)
     sums = torch.zeros(n_groups, dtype=per_example.dtype, device=per_example.device).index_add(0, groups, per_example)
     return sums / counts.clamp(min=1), counts
+
+
+def group_mean_losses_one_hot(
+    per_example: torch.Tensor, groups: torch.Tensor, n_groups: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`group_mean_losses` as a product with the one-hot group matrix (deterministic on CUDA)."""
+    one_hot = F.one_hot(groups, n_groups).to(per_example.dtype)
+    counts = one_hot.sum(0)
+    return (one_hot.T @ per_example) / counts.clamp(min=1), counts
 
 
 def adjustment_term(train_counts: torch.Tensor, c: float) -> torch.Tensor:

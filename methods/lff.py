@@ -94,9 +94,10 @@ class PerExampleLossEMA:
 
     def class_max(self) -> torch.Tensor:
         """Maximum EMA over all training examples of each class (0 for a class none of which is seen yet)."""
-        return torch.zeros(self.n_classes, device=self.values.device).scatter_reduce(
-            0, self.labels, self.values, reduce="amax", include_self=True
-        )
+        # A masked max rather than scatter_reduce, which has no deterministic CUDA kernel; the EMAs
+        # are losses (>= 0), so the 0 of a class none of which is seen yet is the same either way.
+        in_class = self.labels[None, :] == torch.arange(self.n_classes, device=self.labels.device)[:, None]
+        return torch.where(in_class, self.values[None, :], torch.zeros((), device=self.values.device)).amax(dim=1)
 
     def normalized(self, index: torch.Tensor) -> torch.Tensor:
         """EMA of the examples ``index`` divided by their class's maximum.

@@ -1,6 +1,7 @@
 """The CLI end to end: user errors (one line, exit 2, nothing written), listing, hparam resolution."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -105,3 +106,25 @@ def test_same_seed_gives_same_metrics_on_cpu(tmp_path, data):
     strip = lambda path: [{k: v for k, v in json.loads(line).items() if "seconds" not in k}  # noqa: E731
                           for line in path.read_text().splitlines()]
     assert strip(a) == strip(b)
+
+
+def test_deterministic_flag_is_recorded_and_changes_nothing_on_cpu(tmp_path, data, monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    args = ["run", "--method", "ule", "--dataset", "custom", "--data-root", str(data), "--backbone", "small-cnn",
+            "--epochs", "1", "--quiet", "--hparams", "pretrained=false", "batch_size=4"]
+    assert main(args + ["--out", str(tmp_path / "plain")]) == 0
+    try:
+        assert main(args + ["--out", str(tmp_path / "det"), "--deterministic"]) == 0
+        assert torch.are_deterministic_algorithms_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:  # process-wide switches: leave them as the other tests expect
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
+    (plain,) = (tmp_path / "plain").glob("custom/ule/*/seed0")
+    (det,) = (tmp_path / "det").glob("custom/ule/*/seed0")
+    assert plain.parent.name == det.parent.name  # the same run identity
+    assert json.loads((det / "config.json").read_text())["deterministic"] is True
+    assert json.loads((plain / "config.json").read_text())["deterministic"] is False
+    # ULE's double backward has deterministic CPU kernels: the same numbers as without the flag.
+    selection = lambda run: json.loads((run / "final.json").read_text())["selection"]  # noqa: E731
+    assert selection(det) == selection(plain)

@@ -23,6 +23,7 @@ from methods.groupdro import (
     exponentiated_gradient_step,
     group_balanced_indices,
     group_mean_losses,
+    group_mean_losses_one_hot,
 )
 
 ALL_ACTIVE = torch.ones(4, dtype=torch.bool)
@@ -49,10 +50,14 @@ def test_q_update_survives_huge_losses_and_keeps_empty_groups_at_zero() -> None:
     assert q[1] / q[0] == pytest.approx(math.exp(-1.0))
 
 
-def test_group_mean_losses_average_within_groups_and_zero_for_absent_groups() -> None:
-    losses, counts = group_mean_losses(torch.tensor([1.0, 3.0, 2.0, 5.0, 4.0]), torch.tensor([0, 0, 2, 2, 2]), 4)
+@pytest.mark.parametrize("by", [group_mean_losses, group_mean_losses_one_hot])  # the CPU and the CUDA path
+def test_group_mean_losses_average_within_groups_and_zero_for_absent_groups(by) -> None:
+    per_example = torch.tensor([1.0, 3.0, 2.0, 5.0, 4.0], requires_grad=True)
+    losses, counts = by(per_example, torch.tensor([0, 0, 2, 2, 2]), 4)
     assert losses.tolist() == pytest.approx([2.0, 0.0, 11.0 / 3.0, 0.0])
     assert counts.tolist() == [2.0, 0.0, 3.0, 0.0]
+    losses.sum().backward()  # each example's gradient is 1 / its group's count
+    assert per_example.grad.tolist() == pytest.approx([0.5, 0.5, 1 / 3, 1 / 3, 1 / 3])
 
 
 def test_adjustment_is_c_over_sqrt_training_count_and_zero_for_empty_groups() -> None:
