@@ -112,6 +112,7 @@ class SweepSpec:
     out: str = "results"
     device: str = "auto"
     workers: int = 0
+    deterministic: bool = False  # like device: how the runs compute, not what; not in the sweep id
 
     def identity(self) -> dict[str, Any]:
         """The fields that define which runs the sweep plans."""
@@ -275,6 +276,12 @@ def _normalise_key(path: Path, key: str) -> str:
     return name
 
 
+def _as_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    return value
+
+
 def build_settings(settings: dict[str, Any]) -> tuple[SweepSpec, LaunchOptions]:
     """Validate merged settings (file < flags) into a spec and launch options; ConfigError on bad input."""
     methods = _as_list("methods", settings.get("methods"))
@@ -312,6 +319,7 @@ def build_settings(settings: dict[str, Any]) -> tuple[SweepSpec, LaunchOptions]:
         out=str(settings.get("out") or "results"),
         device=str(settings.get("device") or "auto"),
         workers=_as_int("workers", settings.get("workers", 0), 0),  # type: ignore[arg-type]
+        deterministic=_as_bool("deterministic", settings.get("deterministic", False)),
     )
     launcher = settings.get("launcher") or "local"
     if launcher not in LAUNCHERS:
@@ -397,6 +405,7 @@ def _runs_for(
                     method=method, dataset=dataset, hparams=list(spec.hparams), epochs=spec.epochs,
                     backbone=spec.backbone, data_root=data_root, dataset_options=dict(spec.data_options),
                     weights=spec.weights, out=out, device=spec.device, workers=spec.workers, draw=draw,
+                    deterministic=spec.deterministic,
                 )
                 identity = run_identity(request)  # validates method, dataset, hparams; loads nothing
                 tuned = tuple((n, identity["hparams"][n]) for n in tuned_names)
@@ -1126,6 +1135,8 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--out", help="results folder (default results/)")
     what.add_argument("--device", help="auto (default), cpu, cuda")
     what.add_argument("--workers", type=int, help="data loading worker processes per run")
+    what.add_argument("--deterministic", action="store_true", default=None,
+                      help="deterministic CUDA kernels in every run (see bench run --deterministic)")
     how = parser.add_argument_group("how to launch")
     how.add_argument("--launcher", choices=LAUNCHERS,
                      help="local: one run after another here (default); local-parallel: local processes "

@@ -437,3 +437,12 @@ def test_status_shows_the_log_of_a_job_slurm_killed_without_a_result(data, tmp_p
     assert failure["error"] == "SLURM job 12_3 ended OUT_OF_MEMORY without a result"
     assert failure["log_tail"] == ["slurmstepd: error: Detected 1 oom_kill event"]
     assert "log | slurmstepd: error: Detected 1 oom_kill event" in sweep.format_report(report)
+
+
+def test_deterministic_reaches_every_planned_run_and_leaves_the_sweep_id_alone(data, tmp_path):
+    plain, deterministic = _spec(data, tmp_path), _spec(data, tmp_path, deterministic=True)
+    assert deterministic.sweep_id == plain.sweep_id
+    assert [run.request.deterministic for run in sweep.plan(deterministic)] == [True]
+    assert [run.request.deterministic for run in sweep.plan(plain)] == [False]
+    with pytest.raises(ConfigError, match="deterministic: expected true or false"):
+        _spec(data, tmp_path, deterministic="yes")
