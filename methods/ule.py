@@ -153,7 +153,7 @@ class ULE(Method):
     ``warmup_epochs`` (epochs with the penalty off).
 
     Cost: one forward pass per model per step. The student needs two vector-Jacobian products
-    of the same forward graph (one-hot(y) for g_S, dCE/dlogits for its parameters), so it runs
+    of the same forward graph (one-hot(y) - 1/K for g_S, dCE/dlogits for its parameters), so it runs
     two backward passes over one retained graph; the first goes to the input only (no weight
     gradients are computed). With ``grad_target=loss`` both come from one backward. The teacher
     takes g_T with create_graph, then one backward of L_T through both graphs.
