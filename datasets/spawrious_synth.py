@@ -1,9 +1,10 @@
 """``spawrious-synth``: a CPU-sized twin of Spawrious O2O-easy (Lynch et al. 2023).
 
 Each "dog breed" is one real MNIST digit (bulldog 0, dachshund 4, labrador 1, corgi 3) in one of its
-breed's two coat colours, on one of six locations painted from real scikit-image textures: desert
-(rippled sand), jungle (dark green foliage), dirt (brown gravel), mountain (grey rock under a sky),
-snow (near-white ground) and beach (sand below a rippled sea).  Every picture gets its own lighting and
+breed's two coat colours with a contrasting outline, on one of six locations painted from real
+scikit-image textures: desert (rippled sand), jungle (dark green foliage), dirt (brown gravel),
+mountain (grey rock under a sky), snow (near-white ground) and beach (sand below a rippled sea).  A
+dog looks the same on every location.  Every picture gets its own lighting and
 white balance (like Spawrious' colour-jitter augmentation), so a location is recognised from its
 texture and relative colours.  As in O2O-easy, breed i is on its own location (desert, jungle, dirt,
 snow) in 97% of the training images and on the beach in 3%; at test time every breed is on another
@@ -130,6 +131,11 @@ DOG_OPACITY = (1.0, 1.0)
 DIGIT_FRAME = 28  # MNIST digits at their own size (the digit fills ~20x20 of its 28x28 frame)
 NOISE_STD = 6.0
 COLOUR_JITTER = 0.35  # per-channel gain of each picture drawn from 1 +- this
+# The coats used to be darkened or lightened where they would vanish into the ground, which made a
+# breed's look depend on its location, so the core feature itself shifted at test time; with coats
+# that ignore the ground and an outline for visibility, 2 seeds at the last epoch went from ERM 14 /
+# group-balanced 38-43 % OOD accuracy to 28 / 45 % (scripts/tune_twins.py).
+OUTLINE_DARK, OUTLINE_LIGHT, OUTLINE_OPACITY = (25.0, 20.0, 15.0), (235.0, 235.0, 230.0), 0.8
 
 SPEC = TwinSpec(
     name=NAME,
@@ -146,17 +152,20 @@ SPEC = TwinSpec(
 )
 
 
-def coat_colours(y: np.ndarray, backgrounds: np.ndarray, alpha: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Each dog's coat from its breed's colours, darkened or lightened where it would vanish into the ground."""
+def coat_colours(y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Each dog's coat: one of its breed's two colours with a small jitter, whatever the location, so
+    that a breed looks the same on every ground (the location must not change the core feature)."""
     choice = rng.integers(0, 2, size=len(y))
     coats = np.asarray(COATS_OF_CLASS, dtype=np.float32)[y, choice]
-    coats = np.clip(coats + rng.uniform(-15.0, 15.0, size=coats.shape).astype(np.float32), 0, 255)
-    weights = alpha / np.maximum(alpha.sum(axis=(1, 2), keepdims=True), 1e-6)
-    ground = luminance_of((backgrounds * weights[..., None]).sum(axis=(1, 2)))
-    too_close = np.abs(luminance_of(coats) - ground) < 60.0
-    darker, lighter = coats * 0.35, coats + (255.0 - coats) * 0.6
-    adjusted = np.where((ground > 128)[:, None], darker, lighter)
-    return np.where(too_close[:, None], adjusted, coats)
+    return np.clip(coats + rng.uniform(-15.0, 15.0, size=coats.shape).astype(np.float32), 0, 255)
+
+
+def outline_of(alpha: np.ndarray) -> np.ndarray:
+    """A one-pixel ring around each digit (3x3 dilation minus the digit): the dog's outline."""
+    padded = np.pad(alpha, ((0, 0), (1, 1), (1, 1)))
+    size = alpha.shape[1]
+    dilated = np.max([padded[:, i : i + size, j : j + size] for i in range(3) for j in range(3)], axis=0)
+    return np.clip(dilated - alpha, 0.0, 1.0)
 
 
 def generate_split(split: str, seed: int) -> dict[str, np.ndarray]:
@@ -169,7 +178,12 @@ def generate_split(split: str, seed: int) -> dict[str, np.ndarray]:
     pictures, boxes = render_backgrounds(styles, attrs[:, 0], BACKGROUND_SOURCES, split, rng)
     opacity = rng.uniform(*DOG_OPACITY, size=len(y)).astype(np.float32)[:, None, None]
     alpha = placed_digits(rows, DIGIT_FRAME, rng) * opacity
-    colours = coat_colours(y, pictures, alpha, rng)
+    colours = coat_colours(y, rng)
+    # A dark outline around light coats and a light one around dark coats keeps every dog visible on
+    # every ground without making its look depend on the location.
+    light_coat = luminance_of(colours) > 110.0
+    outline = np.where(light_coat[:, None], OUTLINE_DARK, OUTLINE_LIGHT).astype(np.float32)
+    pictures = blend(pictures, outline, outline_of(alpha) * OUTLINE_OPACITY)
     pictures = blend(pictures, colours, alpha)
     # Per-picture lighting and white balance: a location's colour alone is then an unreliable cue.
     pictures *= rng.uniform(1.0 - COLOUR_JITTER, 1.0 + COLOUR_JITTER, size=(len(y), 1, 1, 3)).astype(np.float32)

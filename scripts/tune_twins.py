@@ -31,7 +31,9 @@ each twin's own kind):
                           97.4 / 56.7 (@val)    97.3 / 93.2 (@val)
     urbancars-synth (2)   95.8 /  0.0 (last)    96.2 / 49.6 (last)       ERM gaps: BG -47, CoObj -16, both -87
                           95.2 /  0.0 (@val)    93.4 / 60.4 (@val)       balanced: BG -13, CoObj -8, both -32
-    spawrious-synth (2)   14.2 /  0.7 (last)    38.0 / 14.6 (last)       OOD test; ERM val (in-distribution) ~98
+    spawrious-synth (2)   27.6 /  0.4 (last)    45.3 / 16.5 (last)       OOD test; ERM val (in-distribution) ~96
+                          22.5 /  1.1 (@val)    44.5 / 23.6 (@val)       (was 14.2 / 0.7 vs 38.0 / 14.6 before the
+                                                                         location-independent coats and outline)
 
 The harness agrees on waterbirds-synth (``bench run --seeds 3``, val-worst-group selection): ERM
 96.4 / 13.6, GroupDRO 97.9 / 90.1, DFR 93.5 / 89.2; the three ERM runs took 59 s in all on 2 cores
