@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pytest
 from PIL import Image
 
 
@@ -30,3 +32,32 @@ def write_custom_dataset(root: Path, n_per_group: int = 6, size: int = 16, seed:
                     lines.append(f"{name},{y},{split},{colour}")
     (root / "metadata.csv").write_text("\n".join(lines) + "\n")
     return root
+
+
+class Interrupt(Exception):
+    """Raised by :func:`run_seed0` to stop a run after an epoch, as a kill would."""
+
+
+def run_seed0(request: Any, monkeypatch: pytest.MonkeyPatch, interrupt_after: int | None) -> tuple[Path, int]:
+    """Run seed 0 of a ``bench.runner.RunRequest`` through the runner, stopping after
+    ``interrupt_after`` epochs of this call when given; returns the run folder and the epochs trained
+    in this call (a resumed run trains only the epochs it had not finished)."""
+    from bench import runner, trainer
+
+    epochs_seen: list[int] = []
+
+    def train_with_interrupt(*args: object, **kwargs: object) -> dict:
+        def on_epoch_end() -> None:
+            epochs_seen.append(1)
+            if interrupt_after is not None and len(epochs_seen) == interrupt_after:
+                raise Interrupt
+
+        return trainer.train(*args, on_epoch_end=on_epoch_end, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(runner, "train", train_with_interrupt)
+    prepared = runner.prepare(request)
+    try:
+        runner.execute(prepared, seed=0, quiet=True)
+    except Interrupt:
+        pass
+    return prepared.run_dir(0).path, len(epochs_seen)

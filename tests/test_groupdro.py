@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import write_custom_dataset
+from helpers import run_seed0, write_custom_dataset
 from torch import nn
 
-from bench import runner, trainer
+from bench import runner
 from bench.trainer import TrainData
 from datasets.base import InMemoryImages, SpuriousDataset, make_split
 from methods.base import Batch, MethodContext, Stage, resolve_hparams
@@ -174,34 +174,14 @@ def test_group_balanced_sampling_draws_every_group_equally_often() -> None:
 # End to end through the runner: q is recorded every epoch, and an interrupted run resumes exactly
 
 
-class Interrupt(Exception):
-    pass
-
-
 def run_groupdro(
     data_root: Path, out: Path, interrupt_after: int | None, monkeypatch: pytest.MonkeyPatch
 ) -> tuple[Path, int]:
     """Train 3 epochs (or stop after ``interrupt_after``); returns the run folder and the epochs trained here."""
-    epochs_seen: list[int] = []
-
-    def train_with_interrupt(*args: object, **kwargs: object) -> dict:
-        def on_epoch_end() -> None:
-            epochs_seen.append(1)
-            if interrupt_after is not None and len(epochs_seen) == interrupt_after:
-                raise Interrupt
-
-        return trainer.train(*args, on_epoch_end=on_epoch_end, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(runner, "train", train_with_interrupt)
     request = runner.RunRequest(method="groupdro", dataset="custom", data_root=str(data_root), out=str(out),
                                 epochs=3, backbone="small-cnn",
                                 hparams=["pretrained=false", "batch_size=8", "eta=0.5", "lr=0.01"], device="cpu")
-    prepared = runner.prepare(request)
-    try:
-        runner.execute(prepared, seed=0, quiet=True)
-    except Interrupt:
-        pass
-    return prepared.run_dir(0).path, len(epochs_seen)
+    return run_seed0(request, monkeypatch, interrupt_after)
 
 
 def test_groupdro_records_q_and_resumes_bit_identically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

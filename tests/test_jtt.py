@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import write_custom_dataset
+from helpers import run_seed0, write_custom_dataset
 from torch import nn
 
 from bench import runner, trainer
@@ -150,14 +150,9 @@ def test_stage_two_starts_from_a_fresh_model_and_optimiser() -> None:
 # End to end through the runner: a resumed run does not redo stage 1
 
 
-class Interrupt(Exception):
-    pass
-
-
 def run_jtt(data_root: Path, out: Path, interrupt_after: int | None, error_set_pass: str,
             monkeypatch: pytest.MonkeyPatch) -> tuple[Path, int, int]:
     """Returns the run folder, the epochs trained in this call, and how often the error set was computed."""
-    epochs_seen: list[int] = []
     identifications: list[int] = []
     real_identify = JTT._identify_errors
 
@@ -165,26 +160,13 @@ def run_jtt(data_root: Path, out: Path, interrupt_after: int | None, error_set_p
         identifications.append(1)
         return real_identify(self, data)
 
-    def train_with_interrupt(*args: object, **kwargs: object) -> dict:
-        def on_epoch_end() -> None:
-            epochs_seen.append(1)
-            if interrupt_after is not None and len(epochs_seen) == interrupt_after:
-                raise Interrupt
-
-        return trainer.train(*args, on_epoch_end=on_epoch_end, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(runner, "train", train_with_interrupt)
     monkeypatch.setattr(JTT, "_identify_errors", counting_identify)
     request = runner.RunRequest(
         method="jtt", dataset="custom", data_root=str(data_root), out=str(out), epochs=2, backbone="small-cnn",
         hparams=["pretrained=false", "batch_size=8", "lr=0.05", "id_epochs=2", "upweight=3",
                  f"error_set_pass={error_set_pass}"], device="cpu")
-    prepared = runner.prepare(request)
-    try:
-        runner.execute(prepared, seed=0, quiet=True)
-    except Interrupt:
-        pass
-    return prepared.run_dir(0).path, len(epochs_seen), len(identifications)
+    run_dir, trained = run_seed0(request, monkeypatch, interrupt_after)
+    return run_dir, trained, len(identifications)
 
 
 @pytest.mark.parametrize(("error_set_pass", "interrupt_after"), [("eval", 3), ("train", 3)])
