@@ -186,9 +186,10 @@ class TrainData:
 
     def group_counts(self, predictions: torch.Tensor, split: str) -> dict[str, list[int]]:
         """Per-group correct/total counts of class predictions on a split."""
-        # Counted on the CPU: CUDA's bincount has no deterministic kernel (``--deterministic``).
-        groups = self._groups[split].cpu()
-        correct = (predictions.cpu() == self._labels[split].cpu()).long()
+        # Counted on the CPU, from the dataset's own (CPU) labels: CUDA's bincount has no deterministic
+        # kernel (``--deterministic``), and only the predictions then cross from the device.
+        groups = self.dataset.splits[split].group
+        correct = (predictions.cpu() == self.dataset.splits[split].y).long()
         n_groups = self.dataset.n_groups
         return {
             "correct": torch.bincount(groups, weights=correct, minlength=n_groups).long().tolist(),
