@@ -86,6 +86,8 @@ class PerExampleLossEMA:
         self.alpha = alpha
         self.values = torch.zeros(len(labels), device=labels.device)
         self.updated = torch.zeros(len(labels), device=labels.device)
+        # [n_classes, n]: which examples belong to each class (the labels never change).
+        self.in_class = labels[None, :] == torch.arange(n_classes, device=labels.device)[:, None]
 
     def update(self, losses: torch.Tensor, index: torch.Tensor) -> None:
         """``L_i <- alpha * L_i + (1 - alpha * u_i) * loss_i`` for the examples ``index``; then u_i = 1."""
@@ -96,8 +98,7 @@ class PerExampleLossEMA:
         """Maximum EMA over all training examples of each class (0 for a class none of which is seen yet)."""
         # A masked max rather than scatter_reduce, which has no deterministic CUDA kernel; the EMAs
         # are losses (>= 0), so the 0 of a class none of which is seen yet is the same either way.
-        in_class = self.labels[None, :] == torch.arange(self.n_classes, device=self.labels.device)[:, None]
-        return torch.where(in_class, self.values[None, :], torch.zeros((), device=self.values.device)).amax(dim=1)
+        return torch.where(self.in_class, self.values[None, :], torch.zeros((), device=self.values.device)).amax(dim=1)
 
     def normalized(self, index: torch.Tensor) -> torch.Tensor:
         """EMA of the examples ``index`` divided by their class's maximum.
