@@ -192,11 +192,12 @@ def stale_twin_caches(twin_names: list[str]) -> list[Path]:
     """Cached twin files that no twin of the current code reads: those written by an older generator
     (another ``GENERATOR_VERSION`` or code fingerprint). Each edit of a twin's code leaves one behind.
     (Here rather than in datasets/_synth.py, whose every edit changes the twins' code fingerprint.)"""
-    from datasets._synth import GENERATOR_VERSION, cache_dir, generator_fingerprint
+    from datasets._synth import cache_dir, twin_cache_path
 
     stale = []
     for name in twin_names:
-        current = f"-v{GENERATOR_VERSION}-{generator_fingerprint(name)}.npz"
+        # What follows the seed in the current code's file name (its version and code fingerprint).
+        current = twin_cache_path(name, 0).name.removeprefix(f"{name}-seed0")
         stale.extend(path for path in sorted(cache_dir().glob(f"{name}-seed*.npz")) if not path.name.endswith(current))
     return stale
 
