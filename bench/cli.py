@@ -10,13 +10,12 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from bench.errors import BenchError
-from bench.metrics import AVERAGE_LABELS
-from bench.selection import DEFAULT_RULE, RULES, describe
+from bench.core.errors import BenchError
+from bench.core.selection import DEFAULT_RULE, RULES
+from bench.display import display_path
 
 EXIT_USER_ERROR = 2
 EXIT_RUN_FAILED = 1
@@ -26,8 +25,8 @@ EXIT_RUN_FAILED = 1
 # returned keys are "NAME" or "data NAME", and a handler takes the parsed arguments and returns the
 # exit status. Add one line per module.
 COMMAND_MODULES: list[str] = [
-    "bench.sweep",
-    "bench.report",
+    "bench.sweep.cli",
+    "bench.report.cli",
     "bench.data_tools",
 ]
 
@@ -100,67 +99,6 @@ def _dataset_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
-def _percent(value: float | None) -> str:
-    return "-" if value is None or np.isnan(value) else f"{100 * value:.1f}"
-
-
-def _mean_std(values: list[float]) -> str:
-    array = np.array([v for v in values if v is not None and not np.isnan(v)], dtype=float)
-    if len(array) == 0:
-        return "-"
-    std = array.std(ddof=1) if len(array) > 1 else 0.0
-    return f"{100 * array.mean():.1f} ± {100 * std:.1f}"
-
-
-def run_table(finals: list[dict[str, Any]], rule: str) -> str:
-    """One row per seed and a mean ± std row, for the primary model and any secondary ones."""
-    from tabulate import tabulate
-
-    done = [f for f in finals if f.get("status") == "done"]
-    if not done:
-        return "no finished seed"
-    primary = done[0]["primary"]
-    predictors = [primary] + sorted(p for p in done[0]["selection"][rule] if p != primary)
-    average_kind = done[0]["average_kind"]
-    urbancars = average_kind == "urbancars_id"
-    columns: list[tuple[str, str]] = [("worst-group", "worst_group_accuracy")]
-    if urbancars:
-        columns += [("I.D. Acc", "id_acc"), ("BG Gap", "bg_gap"), ("CoObj Gap", "coobj_gap"),
-                    ("BG+CoObj Gap", "bg_coobj_gap")]
-    else:
-        columns += [(f"avg ({average_kind.replace('_', '-')})", "average_accuracy")]
-    headers = ["seed"]
-    for predictor in predictors:
-        prefix = "" if len(predictors) == 1 else f"{predictor} "
-        headers += [f"{prefix}{label}" for label, _ in columns] + [f"{prefix}epoch"]
-    rows = []
-    values: dict[tuple[str, str], list[float]] = {}
-    for final in done:
-        row: list[Any] = [final["seed"]]
-        for predictor in predictors:
-            chosen = final["selection"][rule][predictor]
-            for _, key in columns:
-                value = chosen["test"][key]
-                values.setdefault((predictor, key), []).append(value)
-                row.append(_percent(value))
-            row.append(f"{chosen['stage']}:{chosen['epoch']}")
-        rows.append(row)
-    summary_row: list[Any] = [f"mean ± std (n={len(done)})"]
-    for predictor in predictors:
-        summary_row += [_mean_std(values[(predictor, key)]) for _, key in columns] + [""]
-    rows.append(summary_row)
-    lines = [
-        tabulate(rows, headers=headers, tablefmt="github"),
-        "",
-        f"Test accuracy in %, at the epoch picked by {rule} ({describe(rule)}); std is the sample std over seeds.",
-        f"avg = {AVERAGE_LABELS[average_kind]}."
-        + (f" The method's result is the {primary}; other rows are recorded beside it." if len(predictors) > 1 else ""),
-    ]
-    if urbancars:
-        lines.append("Gaps (Whac-A-Mole): accuracy on the cue-conflicting cells minus I.D. Acc; closer to 0 is better.")
-    return "\n".join(lines)
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from bench.runner import RunRequest, execute, prepare
 
@@ -169,7 +107,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     request = RunRequest(
         method=args.method,
         dataset=args.dataset,
-        hparams=args.hparams,
+        hparam_overrides=args.hparams,
         epochs=args.epochs,
         backbone=args.backbone,
         data_root=args.data_root,
@@ -185,27 +123,41 @@ def cmd_run(args: argparse.Namespace) -> int:
         hp = " ".join(f"{k}={v}" for k, v in sorted(prepared.hparams.items()))
         print(f"{args.method} on {args.dataset} ({prepared.device}); hparams: {hp}", file=sys.stderr)
     finals = []
-    for seed in range(args.seed_offset, args.seed_offset + args.seeds):
+    seeds = range(args.seed_offset, args.seed_offset + args.seeds)
+    for seed in seeds:
         final = execute(prepared, seed, quiet=args.quiet, force=args.force)
         if final.get("skipped") and not args.quiet:
-            print(f"seed {seed}: already done ({prepared.run_dir(seed).path}), skipped; --force reruns it",
-                  file=sys.stderr)
+            print(f"seed {seed}: already done ({display_path(prepared.run_dir(seed).path)}), skipped; --force "
+                  "reruns it", file=sys.stderr)
         if final.get("status") == "failed":
             print(f"seed {seed} failed: {final['error_type']}: {final['reason']} "
-                  f"(details in {prepared.run_dir(seed).failed})", file=sys.stderr)
+                  f"(details in {display_path(prepared.run_dir(seed).failed)})", file=sys.stderr)
         finals.append({**final, "seed": seed})
     if args.json:
         print(json.dumps(finals, indent=2, default=str))
     else:
-        print(f"\n{args.method} on {args.dataset}, results in {prepared.run_dir(args.seed_offset).path.parent}")
-        print(run_table(finals, args.select))
+        print(f"\n{args.method} on {args.dataset}, results in "
+              f"{display_path(prepared.run_dir(args.seed_offset).path.parent)}")
+        print(seed_tables([prepared.run_dir(seed).path for seed in seeds], args.out, args.select))
     return EXIT_RUN_FAILED if any(f.get("status") == "failed" for f in finals) else 0
+
+
+def seed_tables(run_dirs: list[Path], out: str, rule: str) -> str:
+    """``bench run``'s tables of its seeds: the report's aggregation of exactly these run folders."""
+    from bench.report.aggregate import aggregate
+    from bench.report.load import load_runs
+    from bench.report.run_table import run_tables
+
+    results = load_runs(run_dirs, out)
+    if results.runs.empty:
+        return "no finished seed"
+    return run_tables(aggregate(results, rule))
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
-    from bench.backbones import BACKBONES
+    from bench.core.backbones import BACKBONES
     from datasets import dataset_names, get_dataset, resolve_data_root
     from methods import get_method, method_names
 

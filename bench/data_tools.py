@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.errors import BenchError, DataError
+from bench.core.errors import BenchError, DataError
 
 MAX_LISTED = 5  # unreadable files named in the one-line error (all of them are printed above it)
 
@@ -102,7 +102,7 @@ def count_table(dataset: Any, published: dict[str, list[int]] | None) -> tuple[s
 
 def image_paths(dataset: Any) -> list[Path]:
     """Every distinct image file of a file-backed dataset (none for the synthetic twins)."""
-    from datasets.base import FileImages
+    from bench.core.dataset import FileImages
 
     files = dataset.extra.get("image_files")
     if files is not None:
@@ -152,7 +152,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from bench.backbones import INPUT_SIZE
+    from bench.core.backbones import INPUT_SIZE
     from datasets import get_dataset, resolve_data_root
     from datasets._files import CACHE_ENV, FileDatasetSource, build_cache, stale_caches
 

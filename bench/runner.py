@@ -7,6 +7,7 @@ is written, so bad input leaves nothing half-written on disk.
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import subprocess
 import sys
@@ -18,15 +19,16 @@ from typing import Any
 
 import torch
 
-from bench import records
-from bench.backbones import INPUT_SIZE, build_backbone
-from bench.errors import ConfigError
-from bench.metrics import GroupStructure
-from bench.records import RunDir
+from bench.core import records
+from bench.core.artifacts import ArtifactStore
+from bench.core.backbones import INPUT_SIZE, build_backbone
+from bench.core.device_data import DeviceData
+from bench.core.errors import ConfigError, DataError
+from bench.core.metrics import GroupStructure
+from bench.core.records import RunDir
 from bench.trainer import (
     NonFiniteLossError,
     Progress,
-    TrainData,
     failure_record,
     pick_device,
     seed_everything,
@@ -35,7 +37,15 @@ from bench.trainer import (
 )
 from datasets import get_dataset, load_dataset
 from methods import get_method
-from methods.base import MethodContext, hparam_specs, parse_overrides, resolve_hparams, sample_hparams
+from methods.base import (
+    TRAINING_HPARAMS,
+    BaseRun,
+    MethodContext,
+    hparam_specs,
+    parse_overrides,
+    resolve_hparams,
+    sample_hparams,
+)
 
 PACKAGES = ("torch", "torchvision", "numpy", "pandas", "scipy", "scikit-learn", "debias-bench")
 
@@ -46,7 +56,7 @@ class RunRequest:
 
     method: str
     dataset: str
-    hparams: list[str] = field(default_factory=list)
+    hparam_overrides: list[str] = field(default_factory=list)  # the ``--hparams KEY=VALUE`` items
     epochs: int | None = None
     backbone: str | None = None
     data_root: str | None = None
@@ -55,8 +65,8 @@ class RunRequest:
     out: str = "results"
     device: str = "auto"
     workers: int = 0
-    # Hyperparameter draw of a sweep (methods.base.sample_hparams); 0 is the defaults. ``hparams``,
-    # ``epochs`` and ``backbone`` still override the drawn values.
+    # Hyperparameter draw of a sweep (methods.base.sample_hparams); 0 is the defaults.
+    # ``hparam_overrides``, ``epochs`` and ``backbone`` still override the drawn values.
     draw: int = 0
     # Deterministic GPU kernels only (bench.trainer.use_deterministic_kernels). Not part of the run's
     # identity: it changes how the numbers are computed, not what is computed; recorded in config.json.
@@ -85,7 +95,7 @@ def run_identity(request: RunRequest) -> dict[str, Any]:
     as :func:`prepare` does."""
     method_cls = get_method(request.method)
     source = get_dataset(request.dataset)
-    overrides: dict[str, Any] = parse_overrides(request.hparams)
+    overrides: dict[str, Any] = parse_overrides(request.hparam_overrides)
     if request.epochs is not None:
         overrides["epochs"] = request.epochs
     if request.backbone is not None:
@@ -98,6 +108,9 @@ def run_identity(request: RunRequest) -> dict[str, Any]:
         tuned = {name: drawn[name] for name, spec in hparam_specs(method_cls).items() if spec.search is not None}
         overrides = {**tuned, **overrides}
     hparams = resolve_hparams(method_cls, request.dataset, source.training_defaults, overrides)
+    # The method's dataset options for this dataset (DFR's base-model augmentation), under the user's.
+    for key, value in method_cls.data_options_per_dataset.get(request.dataset, {}).items():
+        request.dataset_options.setdefault(key, value)
     if source.accepts_image_size:
         request.dataset_options.setdefault("image_size", INPUT_SIZE[hparams["backbone"]])
     weights = Path(request.weights).expanduser().resolve() if request.weights else None
@@ -145,6 +158,46 @@ def _versions() -> dict[str, str | None]:
     return versions
 
 
+def find_base_run(prepared: PreparedRun, seed: int) -> RunDir | None:
+    """The finished run whose model this run's first stage would train again, if there is one.
+
+    For a method with a ``base_method`` (DFR: ``erm``): the finished run of that method under the same
+    ``--out`` with this run's dataset, dataset options, weights, seed and training hparams (the shared
+    ones of ``TRAINING_HPARAMS``), found by the identity ``run_identity`` gives it; None otherwise.
+    """
+    base_method = get_method(prepared.request.method).base_method
+    if base_method is None:
+        return None
+    request = prepared.request
+    base_request = dataclasses.replace(
+        request,
+        method=base_method,
+        hparam_overrides=[f"{name}={prepared.hparams[name]}" for name in TRAINING_HPARAMS],
+        epochs=None,
+        backbone=None,
+        dataset_options=dict(request.dataset_options),
+        draw=0,
+    )
+    base_dir = RunDir.for_run(request.out, request.dataset, base_method, run_identity(base_request), seed)
+    return base_dir if base_dir.is_done() and base_dir.checkpoint.exists() else None
+
+
+def _base_run(run_dir: RunDir, out: str, decided: str | None) -> BaseRun | None:
+    """The :class:`BaseRun` of a decision recorded in config.json (a folder relative to ``out``)."""
+    if decided is None:
+        return None
+    checkpoint = RunDir(Path(out) / decided).checkpoint
+
+    def load_state() -> dict[str, Any]:
+        try:
+            return torch.load(checkpoint, map_location="cpu", weights_only=False)["method"]
+        except (OSError, RuntimeError, KeyError) as error:
+            raise DataError(f"{run_dir.path}: cannot read the base run's checkpoint {checkpoint} ({error}); "
+                            "rerun with --force to train the base model here") from error
+
+    return BaseRun(source=decided, load_state=load_state)
+
+
 def execute(prepared: PreparedRun, seed: int, quiet: bool = False, force: bool = False) -> dict[str, Any]:
     """Train one seed (or return its finished result); writes the run folder. Returns final.json's content,
     or a failure record (also written as failed.json) if training raised."""
@@ -153,7 +206,8 @@ def execute(prepared: PreparedRun, seed: int, quiet: bool = False, force: bool =
     if run_dir.is_done() and not force:
         return {**run_dir.read_final(), "skipped": True}
     if force and run_dir.path.exists():
-        for name in (records.FINAL, records.FAILED, records.CHECKPOINT, records.METRICS):
+        for name in (records.FINAL_FILE, records.FAILED_FILE, records.CHECKPOINT_FILE, records.METRICS_FILE,
+                     records.CONFIG_FILE):
             (run_dir.path / name).unlink(missing_ok=True)
     run_dir.failed.unlink(missing_ok=True)
 
@@ -161,6 +215,12 @@ def execute(prepared: PreparedRun, seed: int, quiet: bool = False, force: bool =
     method_cls = get_method(request.method)
     info = dataset.info()
     structure = GroupStructure.from_info(info)
+    uses_train_groups = method_cls.uses_train_group_labels(prepared.hparams)
+    if run_dir.config.exists():  # a resumed run keeps the decision it started with
+        base_run = run_dir.read_config().get("base_run")
+    else:
+        found = find_base_run(prepared, seed)
+        base_run = str(found.path.relative_to(request.out)) if found is not None else None
     config = {
         **prepared.identity,
         "seed": seed,
@@ -168,7 +228,8 @@ def execute(prepared: PreparedRun, seed: int, quiet: bool = False, force: bool =
         "config_hash": records.config_hash(prepared.identity),
         "dataset_info": info,
         "primary": method_cls.primary,
-        "uses_train_group_labels": method_cls.uses_train_group_labels,
+        "uses_train_group_labels": uses_train_groups,
+        "base_run": base_run,
         "paper": method_cls.paper,
         "device": str(prepared.device),
         # CPU results are bit-identical for a seed only at the same thread count (it sets the order of
@@ -201,12 +262,13 @@ def execute(prepared: PreparedRun, seed: int, quiet: bool = False, force: bool =
         device=prepared.device,
         make_model=make_model,
         seed=seed,
-        extras={"run_dir": run_dir, "out": request.out, "request": request},
+        artifacts=ArtifactStore(run_dir.path),
+        base_run=_base_run(run_dir, request.out, base_run),
     )
     progress = Progress(quiet=quiet, label=f"{request.method} {request.dataset} seed{seed}")
     try:
         method = method_cls(context)
-        data = TrainData(dataset, prepared.device, method_cls.uses_train_group_labels, request.workers)
+        data = DeviceData(dataset, prepared.device, uses_train_groups, request.workers)
         final = train(method, data, run_dir, seed, structure, progress)
     except (NonFiniteLossError, RuntimeError, ValueError, OSError) as error:
         failure = failure_record(error)

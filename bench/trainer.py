@@ -1,7 +1,8 @@
 """The one trainer: runs a method's stages on a dataset, evaluates, records and checkpoints.
 
 Data flows one way: dataset -> trainer (calls the method) -> evaluator -> records. The trainer
-knows nothing about any particular method; methods know nothing about files or evaluation.
+knows nothing about any particular method; methods know nothing about files or evaluation (what a
+method caches goes through the artifact store of its context).
 
 Reproducibility: the model initialisation and every random draw of training come from the run's
 seed; the order of examples in an epoch comes from a generator seeded by (seed, stage, epoch), so
@@ -14,23 +15,20 @@ import os
 import random
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from bench import records
-from bench.errors import BenchError
-from bench.metrics import GroupStructure, summarize
-from bench.records import RunDir
-from bench.selection import RULES, select
-from datasets.base import FileImages, InMemoryImages, Split, SpuriousDataset
+from bench.core import records
+from bench.core.device_data import DeviceData
+from bench.core.errors import BenchError
+from bench.core.metrics import GroupStructure, summarize
+from bench.core.records import RunDir
+from bench.core.selection import RULES, select
 from methods.base import Batch, Method
-
-EVAL_BATCH_SIZE = 512
 
 
 class NonFiniteLossError(RuntimeError):
@@ -94,120 +92,6 @@ def _epoch_generator(seed: int, stage_index: int, epoch: int) -> torch.Generator
     return generator
 
 
-class TrainData:
-    """The dataset as the trainer and the methods see it: batches, predictions, features.
-
-    Images are normalised here (``(pixels/255 - mean) / std``). Training group labels are only
-    handed out to methods that declare they use them.
-    """
-
-    def __init__(self, dataset: SpuriousDataset, device: torch.device, train_groups_allowed: bool, workers: int = 0):
-        self.dataset = dataset
-        self.device = device
-        self.train_groups_allowed = train_groups_allowed
-        self.workers = workers
-        self._mean = torch.tensor(dataset.mean, device=device).view(1, -1, 1, 1)
-        self._std = torch.tensor(dataset.std, device=device).view(1, -1, 1, 1)
-        self._pixels: dict[str, torch.Tensor] = {}
-        for name, split in dataset.splits.items():
-            if isinstance(split.images, InMemoryImages):
-                self._pixels[name] = split.images.pixels.to(device)
-        self._labels = {name: split.y.to(device) for name, split in dataset.splits.items()}
-        self._groups = {name: split.group.to(device) for name, split in dataset.splits.items()}
-
-    def split(self, name: str) -> Split:
-        return self.dataset.splits[name]
-
-    def n(self, split: str) -> int:
-        return len(self.dataset.splits[split])
-
-    def labels(self, split: str) -> torch.Tensor:
-        return self._labels[split]
-
-    def groups(self, split: str) -> torch.Tensor:
-        if split == "train" and not self.train_groups_allowed:
-            raise RuntimeError("this method declared it does not use training group labels")
-        return self._groups[split]
-
-    def _normalise(self, pixels: torch.Tensor) -> torch.Tensor:
-        return (pixels.float() / 255.0 - self._mean) / self._std
-
-    def images(self, split: str, indices: torch.Tensor, train: bool) -> torch.Tensor:
-        """Normalised images of ``indices`` of a split, on the device."""
-        if split in self._pixels:
-            return self._normalise(self._pixels[split][indices.to(self.device)])
-        source = self.dataset.splits[split].images
-        assert isinstance(source, FileImages)
-        return self._normalise_file_batch(source.load_batch(indices.tolist(), train))
-
-    def _normalise_file_batch(self, raw: torch.Tensor) -> torch.Tensor:
-        """A batch from ``FileImages.load_batch``: uint8 in [0, 255] (image cache) or float in [0, 1]."""
-        raw = raw.to(self.device)
-        if raw.dtype == torch.uint8:
-            return self._normalise(raw)
-        return ((raw - self._mean) / self._std).contiguous()
-
-    def batches(self, split: str, order: torch.Tensor, batch_size: int, train: bool) -> Iterator[torch.Tensor]:
-        """Yield index chunks of ``order``; a trailing batch of one example is dropped in training
-        (batch norm cannot train on it)."""
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            if train and len(chunk) == 1 and len(order) > 1:
-                return
-            yield chunk
-
-    def iter_images(
-        self, split: str, order: torch.Tensor, batch_size: int, train: bool
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(index chunk, images) pairs; file-backed splits are read by DataLoader workers."""
-        chunks = list(self.batches(split, order, batch_size, train))
-        if split in self._pixels or self.workers == 0:
-            for chunk in chunks:
-                yield chunk, self.images(split, chunk, train)
-            return
-        source = self.dataset.splits[split].images
-        loader = torch.utils.data.DataLoader(
-            _FileChunks(source, chunks, train), batch_size=None, num_workers=self.workers, shuffle=False
-        )
-        for chunk, raw in zip(chunks, loader):
-            yield chunk, self._normalise_file_batch(raw)
-
-    @torch.no_grad()
-    def predict(self, model: nn.Module, split: str, features: bool = False) -> torch.Tensor:
-        """Logits (or penultimate features) of every example of a split, in order, in eval mode."""
-        was_training = model.training
-        model.eval()
-        outputs = []
-        order = torch.arange(self.n(split))
-        for _, x in self.iter_images(split, order, EVAL_BATCH_SIZE, train=False):
-            outputs.append(model.featurizer(x) if features else model(x))
-        model.train(was_training)
-        return torch.cat(outputs)
-
-    def group_counts(self, predictions: torch.Tensor, split: str) -> dict[str, list[int]]:
-        """Per-group correct/total counts of class predictions on a split."""
-        # Counted on the CPU, from the dataset's own (CPU) labels: CUDA's bincount has no deterministic
-        # kernel (``--deterministic``), and only the predictions then cross from the device.
-        groups = self.dataset.splits[split].group
-        correct = (predictions.cpu() == self.dataset.splits[split].y).long()
-        n_groups = self.dataset.n_groups
-        return {
-            "correct": torch.bincount(groups, weights=correct, minlength=n_groups).long().tolist(),
-            "total": torch.bincount(groups, minlength=n_groups).tolist(),
-        }
-
-
-class _FileChunks(torch.utils.data.Dataset):
-    def __init__(self, source: FileImages, chunks: list[torch.Tensor], train: bool):
-        self.source, self.chunks, self.train = source, chunks, train
-
-    def __len__(self) -> int:
-        return len(self.chunks)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.source.load_batch(self.chunks[i].tolist(), self.train)
-
-
 @dataclass
 class Progress:
     """Progress display: a tqdm bar per epoch, or nothing with quiet."""
@@ -228,7 +112,7 @@ class Progress:
             tqdm.write(text)
 
 
-def evaluate(method: Method, data: TrainData) -> dict[str, dict[str, dict[str, list[int]]]]:
+def evaluate(method: Method, data: DeviceData) -> dict[str, dict[str, dict[str, list[int]]]]:
     """Per-group counts of every predictor of the method on val and test."""
     result: dict[str, dict[str, dict[str, list[int]]]] = {}
     for name, model in method.predictors().items():
@@ -264,7 +148,7 @@ def summarize_run(
 
 def train(
     method: Method,
-    data: TrainData,
+    data: DeviceData,
     run_dir: RunDir,
     seed: int,
     structure: GroupStructure,
@@ -273,8 +157,8 @@ def train(
 ) -> dict[str, Any]:
     """Train ``method`` to completion (resuming from ``run_dir``'s checkpoint if there is one).
 
-    After every epoch: evaluate, append a metrics line, save the checkpoint. Returns final.json's
-    content (also written, atomically, as the very last step).
+    After every epoch: evaluate, append a metrics line, save the checkpoint. Returns the content of
+    final.json (which the runner writes, atomically, as the run's very last step).
     """
     stages = method.stages()
     stage_index, epochs_done, n_records, elapsed = 0, 0, 0, 0.0
@@ -302,6 +186,7 @@ def train(
             started = time.perf_counter()
             losses: dict[str, float] = {}
             n_steps = 0
+            method.begin_epoch(stage, epoch)
             if stage.kind == "fit":
                 fit_log = method.fit(stage, data)
             else:

@@ -2,7 +2,7 @@
 
 Generates ``--n`` 256x256 JPEGs in the Waterbirds layout (``metadata.csv`` + class folders, all in
 the train split but for a few val/test rows), then reads the train split once per configuration
-exactly as the trainer does (``TrainData.iter_images``: load, augment, normalise, batch of 128):
+exactly as the trainer does (``DeviceData.iter_images``: load, augment, normalise, batch of 128):
 
 * files: the dataset loaded without a cache (PIL decode + torchvision transforms per image);
 * cache: the same dataset after ``bench data prepare`` (uint8 frames from the memmap).
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.trainer import TrainData
+from bench.core.device_data import DeviceData
 from datasets import get_dataset
 from datasets._files import build_cache
 
@@ -53,11 +53,11 @@ def images_per_second(folder: Path, augment: bool, repeats: int) -> tuple[dict[s
     """Best-of-``repeats`` images/s of one pass over the train split in shuffled order, two ways:
     ``read``: the batches the data pipeline hands over (``load_batch``: float in [0, 1] from files,
     uint8 from the cache), which is all the CPU does per batch when the model is on a GPU;
-    ``trainer_cpu``: ``TrainData.iter_images`` on the CPU device, which adds the float32
+    ``trainer_cpu``: ``DeviceData.iter_images`` on the CPU device, which adds the float32
     normalisation of every batch (done on the GPU in a GPU run)."""
     dataset = get_dataset("waterbirds").load(folder, {"image_size": 224, "augment": str(augment)})
     source = dataset.splits["train"].images
-    data = TrainData(dataset, torch.device("cpu"), train_groups_allowed=False)
+    data = DeviceData(dataset, torch.device("cpu"), train_groups_allowed=False)
     n = data.n("train")
     best = {"read": 0.0, "trainer_cpu": 0.0}
     for repeat in range(repeats):
@@ -107,7 +107,7 @@ def main() -> None:
     for augment, label in ((False, "Waterbirds default (resize 256, centre crop 224)"),
                            (True, "augment=true (random resized crop 224 + flip)")):
         for kind, what in (("read", "batches read (load_batch)"),
-                           ("trainer_cpu", "TrainData batches, normalised on the CPU")):
+                           ("trainer_cpu", "DeviceData batches, normalised on the CPU")):
             files, cache = results[("files", augment)][kind], results[("cache", augment)][kind]
             print(f"| {label} | {what} | {files:.0f} | {cache:.0f} | {cache / files:.1f}x |")
 

@@ -1,7 +1,7 @@
 """How long ``bench report`` takes to aggregate 10,000 run records, against a per-run baseline.
 
 Writes N fake but well-formed run folders (config.json, metrics.jsonl, final.json and a
-placeholder checkpoint.pt, laid out as bench.records does) into a temporary folder: four datasets
+placeholder checkpoint.pt, laid out as bench.core.records does) into a temporary folder: four datasets
 shaped like the benchmark's (Waterbirds 4 groups train-weighted, CelebA 4 groups plain, UrbanCars
 8 groups, Spawrious 4 classes x 6 locations), six methods (JTT with a non-selectable first stage,
 ULE and LfF with two predictors), realistic per-group totals and binomial correct counts.
@@ -12,8 +12,8 @@ Then times, side by side on the same folder:
   and :func:`aggregate` (epoch selection, configuration selection, summaries, t-tests) for the
   default rule, and for all five rules;
 * a per-run baseline, what a straightforward implementation does: read each run with
-  ``bench.records`` and, per predictor, pick the epoch with ``bench.selection.select`` and compute
-  the test metrics there with ``bench.metrics.summarize`` (default rule only, and nothing of the
+  ``bench.core.records`` and, per predictor, pick the epoch with ``bench.core.selection.select`` and compute
+  the test metrics there with ``bench.core.metrics.summarize`` (default rule only, and nothing of the
   aggregation over seeds and configurations), on the first ``--baseline-runs`` runs, scaled to N.
 
 Usage: ``python benchmarks/report_speed.py [--runs 10000] [--epochs 20] [--baseline-runs 2000]``.
@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from bench.core.selection import RULES
 from bench.report import aggregate, load_results, to_csv, to_latex, to_markdown
-from bench.selection import RULES
 
 DATASETS: list[dict[str, Any]] = [
     {"name": "waterbirds-fake", "n_classes": 2, "attr_value_names": [["land", "water"]],
@@ -123,9 +123,9 @@ def timed(work: Callable[[], Any]) -> tuple[Any, tuple[float, float]]:
 
 def timed_baseline(root: Path, limit: int) -> tuple[tuple[float, float], int]:
     """Per-run reading, selection and metrics with the core's functions: ((wall, CPU) seconds, runs)."""
-    from bench.metrics import GroupStructure, summarize
-    from bench.records import RunDir
-    from bench.selection import DEFAULT_RULE, select
+    from bench.core.metrics import GroupStructure, summarize
+    from bench.core.records import RunDir
+    from bench.core.selection import DEFAULT_RULE, select
 
     folders = sorted(root.glob("*/*/*/seed*"))[:limit]
     wall, cpu = time.perf_counter(), time.process_time()

@@ -53,7 +53,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    from bench import records, sweep
+    from bench.core import records
+    from bench.sweep.plan import plan
+    from bench.sweep.settings import build_settings
+    from bench.sweep.status import write_manifest
     from datasets import dataset_names, get_dataset
     from methods import method_names
 
@@ -74,10 +77,10 @@ def main() -> None:
         assert not out.exists(), "a dry run wrote files"
         n_runs = int(printed.split(": ", 1)[1].split(" runs", 1)[0])
 
-        spec, _ = sweep.build_settings({"methods": methods, "datasets": datasets, "seeds": SEEDS,
-                                        "n_hparams": n_hparams, "out": str(out)})
-        runs = sweep.plan(spec)
-        sweep.write_manifest(spec, runs)
+        spec, _ = build_settings({"methods": methods, "datasets": datasets, "seeds": SEEDS,
+                                  "n_hparams": n_hparams, "out": str(out)})
+        runs = plan(spec)
+        write_manifest(spec, runs)
         for run in runs[::2]:
             records.atomic_write_json(run.run_dir.final, {"status": "done"})
         half = _timed([*bench, "sweep", *flags, "--dry-run"], args.repeats)

@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.backbones import build_backbone
-from bench.metrics import GroupStructure
-from bench.records import RunDir
-from bench.trainer import EVAL_BATCH_SIZE, Progress, TrainData, _epoch_generator, train
+from bench.core.backbones import build_backbone
+from bench.core.device_data import EVAL_BATCH_SIZE, DeviceData
+from bench.core.metrics import GroupStructure
+from bench.core.records import RunDir
+from bench.trainer import Progress, _epoch_generator, train
 from datasets import get_dataset, load_dataset
 from methods import get_method
 from methods.base import MethodContext, resolve_hparams
@@ -68,7 +69,7 @@ def trainer_epoch(dataset, dataset_name: str, hparams: dict, seed: int) -> float
     context = MethodContext(hparams={**hparams, "epochs": 1}, dataset_info=info, device=torch.device("cpu"),
                             make_model=lambda: build_backbone("small-cnn", dataset.n_classes), seed=seed)
     method = get_method("erm")(context)
-    data = TrainData(dataset, torch.device("cpu"), train_groups_allowed=False)
+    data = DeviceData(dataset, torch.device("cpu"), train_groups_allowed=False)
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = RunDir(Path(tmp))
         started = time.perf_counter()

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from bench.cli import main as bench
-from bench.records import RunDir
+from bench.core.records import RunDir
 from bench.runner import RunRequest, run_identity
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -59,7 +59,7 @@ CASES: list[tuple[str, str, int, int]] = [
 def _build(method_name: str, overrides: dict[str, Any], backbone: str, seed: int = 0) -> Any:
     import torch
 
-    from bench.backbones import build_backbone
+    from bench.core.backbones import build_backbone
     from methods import get_method
     from methods.base import MethodContext, resolve_hparams
 

@@ -1,7 +1,7 @@
 """Dataset registry: one file per dataset, each registering itself with :func:`register_dataset`.
 
 A registered dataset is a subclass of :class:`DatasetSource` with class attributes describing it
-(without loading anything) and a ``load`` method returning a :class:`datasets.base.SpuriousDataset`.
+(without loading anything) and a ``load`` method returning a :class:`bench.core.dataset.SpuriousDataset`.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pkgutil
 from pathlib import Path
 from typing import Any, ClassVar
 
-from bench.errors import ConfigError, DataError
-from datasets.base import SpuriousDataset
+from bench.core.dataset import SpuriousDataset
+from bench.core.errors import ConfigError, DataError
 
 _REGISTRY: dict[str, type[DatasetSource]] = {}
 

@@ -32,9 +32,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.errors import ConfigError, DataError
+from bench.core.dataset import FileImages
+from bench.core.errors import ConfigError, DataError
 from datasets import DatasetSource
-from datasets.base import FileImages
 
 CACHE_FORMAT_VERSION = 1  # bump when the cached frames of the same files would differ
 CACHE_ENV = "BENCH_IMAGE_CACHE_DIR"

@@ -28,9 +28,9 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from bench.errors import ConfigError
+from bench.core.dataset import SPLITS, InMemoryImages, SpuriousDataset, make_split
+from bench.core.errors import ConfigError
 from datasets import DatasetSource
-from datasets.base import SPLITS, InMemoryImages, SpuriousDataset, make_split
 
 GENERATOR_VERSION = 2  # 1 was only used while the twins were being tuned
 IMAGE_SIZE = 28
@@ -527,6 +527,7 @@ class TwinSpec:
     average_kind: str
     description: str
     background_sources: tuple[str, ...]  # names indexed by the first column of the stored boxes
+    extra_metrics: tuple[str, ...] = ()  # metric sets its real counterpart declares
 
     @property
     def cardinalities(self) -> list[int]:
@@ -596,6 +597,7 @@ def assemble(spec: TwinSpec, arrays: dict[str, np.ndarray], seed: int) -> Spurio
         attr_value_names=[list(values) for values in spec.attr_value_names],
         splits=splits,
         average_kind=spec.average_kind,
+        extra_metrics=spec.extra_metrics,
         mean=(0.5, 0.5, 0.5),
         std=(0.5, 0.5, 0.5),
         description=spec.description,

@@ -26,7 +26,7 @@ Transforms (kohpangwei/group_DRO:data/celebA_dataset.py ``get_transform_celebA``
 * eval, and train without augmentation: CenterCrop(178) (the shorter side of the 178x218 images)
   -> Resize((S, S));
 * train with ``--data-option augment=true``: RandomResizedCrop(S, scale (0.7, 1), ratio (1, 4/3)) +
-  RandomHorizontalFlip (off by default, as in group_DRO's ERM runs).
+  RandomHorizontalFlip (off by default, as in group_DRO's runs; DFR's protocol turns it on).
 
 With an image cache the whole image is stored resized to (round(S*218/178), S) = 274x224 at S=224
 and evaluation takes its centre S x S crop: the same region as CenterCrop(178) -> Resize, resampled
@@ -42,10 +42,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from bench.errors import ConfigError, DataError
+from bench.core.dataset import IMAGENET_MEAN, IMAGENET_STD, SPLITS, SpuriousDataset, make_split
+from bench.core.errors import ConfigError, DataError
 from datasets import register_dataset
 from datasets._files import FileDatasetSource, ImagePipeline, split_images
-from datasets.base import IMAGENET_MEAN, IMAGENET_STD, SPLITS, SpuriousDataset, make_split
 
 DEFAULT_TARGET = "Blond_Hair"
 DEFAULT_ATTRS = ("Male",)
@@ -161,9 +161,10 @@ class CelebA(FileDatasetSource):
         "backbone": "resnet50", "pretrained": True, "optimizer": "sgd", "lr": 1e-4, "weight_decay": 1e-4,
         "momentum": 0.9, "batch_size": 128, "epochs": 50,
     }
-    defaults_origin = ("ERM with standard regularisation of kohpangwei/group_DRO (README command: ResNet-50 "
-                       "ImageNet-pretrained, SGD momentum 0.9, lr 1e-4, wd 1e-4, batch 128, 50 epochs, "
-                       "no augmentation)")
+    defaults_origin = ("the paper's standard-regularisation protocol (Sagawa et al. 2020), as in the sample GroupDRO "
+                       "command of the kohpangwei/group_DRO README without its --reweight_groups --robust flags: "
+                       "ResNet-50 ImageNet-pretrained, SGD momentum 0.9, lr 1e-4, wd 1e-4, batch 128, 50 epochs, "
+                       "no augmentation")
     published_origin = ("the widely cited (Blond_Hair, Male) counts of the spurious-correlation literature (not "
                         "re-computed from a real attribute file for this harness); their per-split sums are the "
                         "partition sizes 162,770/19,867/19,962")

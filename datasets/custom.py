@@ -22,9 +22,17 @@ from typing import Any, ClassVar
 import pandas as pd
 import torch
 
-from bench.errors import DataError
+from bench.core.dataset import (
+    AVERAGE_KINDS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SPLITS,
+    FileImages,
+    SpuriousDataset,
+    make_split,
+)
+from bench.core.errors import DataError
 from datasets import DatasetSource, register_dataset
-from datasets.base import AVERAGE_KINDS, IMAGENET_MEAN, IMAGENET_STD, SPLITS, FileImages, SpuriousDataset, make_split
 
 REQUIRED_COLUMNS = ("filename", "y", "split")
 

@@ -47,10 +47,10 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from bench.errors import ConfigError, DataError
+from bench.core.dataset import IMAGENET_MEAN, IMAGENET_STD, SPLITS, SpuriousDataset, make_split
+from bench.core.errors import ConfigError, DataError
 from datasets import register_dataset
 from datasets._files import FileDatasetSource, ImagePipeline, split_images
-from datasets.base import IMAGENET_MEAN, IMAGENET_STD, SPLITS, SpuriousDataset, make_split
 
 CLASSES = ("bulldog", "corgi", "dachshund", "labrador")
 LOCATIONS = ("desert", "jungle", "dirt", "mountain", "snow", "beach")

@@ -17,7 +17,7 @@ check urbancars`: per object class 3610 (both cues aligned) / 190 (background co
 (co-occurring object conflicting) / 10 (both) in train, 125 per group in val and test.
 
 Metrics: average_kind ``urbancars_id`` (I.D. Acc), with the BG / CoObj / BG+CoObj gaps of
-bench.metrics reported beside worst-group accuracy.
+bench.core.metrics reported beside worst-group accuracy.
 
 Transforms (facebookresearch/Whac-A-Mole:model/classifiers.py ``get_transforms``): the 256x256
 images are used as they are (no resize, no crop); train: RandomHorizontalFlip (``--data-option
@@ -33,10 +33,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from bench.errors import DataError
+from bench.core.dataset import IMAGENET_MEAN, IMAGENET_STD, SPLITS, SpuriousDataset, make_split
+from bench.core.errors import DataError
 from datasets import register_dataset
 from datasets._files import FileDatasetSource, ImagePipeline, split_images
-from datasets.base import IMAGENET_MEAN, IMAGENET_STD, SPLITS, SpuriousDataset, make_split
 
 CATEGORIES = ("urban", "country")
 SPLIT_FOLDERS = {
@@ -124,6 +124,7 @@ class UrbanCars(FileDatasetSource):
             attr_value_names=[list(CATEGORIES), list(CATEGORIES)],
             splits=splits,
             average_kind="urbancars_id",
+            extra_metrics=("urbancars",),
             mean=IMAGENET_MEAN,
             std=IMAGENET_STD,
             description=f"UrbanCars from {folder}; {pipeline.describe()}",

@@ -95,6 +95,7 @@ SPEC = TwinSpec(
     attr_names=["bg", "co_occur_obj"],
     attr_value_names=[["urban", "country"], ["urban", "country"]],
     average_kind="urbancars_id",
+    extra_metrics=("urbancars",),
     description=(
         "Core: the car is a real MNIST digit, round (0/3/8: urban) or straight-stroked (1/4/7: country). "
         "Spurious, each 95% aligned in train independently: the background (brick/concrete/asphalt vs "

@@ -21,8 +21,8 @@ Transforms (kohpangwei/group_DRO:data/cub_dataset.py ``get_transform_cub``), for
 
 * eval, and train without augmentation: Resize((int(S*256/224),) * 2) -> CenterCrop(S);
 * train with ``--data-option augment=true``: RandomResizedCrop(S, scale (0.7, 1), ratio (0.75, 4/3))
-  + RandomHorizontalFlip. group_DRO's ERM/GroupDRO runs use no augmentation, so it is off by default
-  (DFR's base model turns it on).
+  + RandomHorizontalFlip. group_DRO's runs use no augmentation, so it is off by default (DFR's
+  protocol turns it on for its base model: ``methods/dfr.py``, ``data_options_per_dataset``).
 
 ImageNet normalisation is applied by the trainer (mean/std fields). With an image cache (``bench
 data prepare waterbirds``), the cache holds the Resize((int(S*256/224),) * 2) frame: evaluation is
@@ -39,10 +39,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from bench.errors import DataError
+from bench.core.dataset import IMAGENET_MEAN, IMAGENET_STD, SPLITS, SpuriousDataset, make_split
+from bench.core.errors import DataError
 from datasets import register_dataset
 from datasets._files import FileDatasetSource, ImagePipeline, split_images
-from datasets.base import IMAGENET_MEAN, IMAGENET_STD, SPLITS, SpuriousDataset, make_split
 
 METADATA = "metadata.csv"
 REQUIRED_COLUMNS = ("img_filename", "y", "split", "place")
@@ -92,9 +92,10 @@ class Waterbirds(FileDatasetSource):
         "backbone": "resnet50", "pretrained": True, "optimizer": "sgd", "lr": 1e-3, "weight_decay": 1e-4,
         "momentum": 0.9, "batch_size": 128, "epochs": 300,
     }
-    defaults_origin = ("ERM with standard regularisation of kohpangwei/group_DRO (README command: ResNet-50 "
-                       "ImageNet-pretrained, SGD momentum 0.9, lr 1e-3, wd 1e-4, batch 128, 300 epochs, "
-                       "no augmentation)")
+    defaults_origin = ("the paper's standard-regularisation protocol (Sagawa et al. 2020), as in the sample GroupDRO "
+                       "command of the kohpangwei/group_DRO README without its --reweight_groups --robust flags: "
+                       "ResNet-50 ImageNet-pretrained, SGD momentum 0.9, lr 1e-3, wd 1e-4, batch 128, 300 epochs, "
+                       "no augmentation")
     published_origin = ("the released metadata.csv (also hard-coded in p-lambda/wilds "
                         "wilds/datasets/waterbirds_dataset.py for train)")
 

@@ -2,14 +2,19 @@
 
 A method is one file holding only its own math: a subclass of :class:`Method` registered with
 ``@register_method``. The shared trainer (bench.trainer) owns the data loading, the evaluation,
-the records and the checkpoints; it talks to a method through this small interface:
+the records and the checkpoints; it talks to a method through this small interface, and a method
+talks to the harness only through its :class:`MethodContext` and the :class:`DeviceData` it is
+handed (no files, no records, no other runs):
 
 * ``stages()``: the method's training stages, each ``gradient`` (batches -> ``update``) or ``fit``
-  (one call to ``fit``, e.g. DFR's last-layer refit). JTT has two gradient stages; ERM one.
+  (one call to ``fit``, e.g. DFR's last-layer refit). JTT has two gradient stages; ERM one. A pure
+  function of the hparams and the context.
 * ``begin_stage(stage, data, resuming)``: set up models/optimisers for a stage (JTT computes its
   error set here, from the stage-1 model, through ``data``).
+* ``begin_epoch(stage, epoch)``: called at the start of every epoch, including the first one after a
+  resume (ULE's warm-up position, JTT's training-pass bookkeeping).
 * ``epoch_indices(...)``: the order of training examples for one epoch (GroupDRO samples groups
-  uniformly, JTT upsamples its error set).
+  uniformly, JTT upsamples its error set); pure: the same arguments give the same order.
 * ``update(batch)``: one optimisation step on a batch, returns the losses to log.
 * ``predictors()``: the models to evaluate, by name; ``primary`` names the method's result (ULE's
   teacher), the others are recorded beside it (ULE's student).
@@ -17,9 +22,11 @@ the records and the checkpoints; it talks to a method through this small interfa
   optimiser and scheduler attribute plus ``extra_state()``.
 
 Hyperparameters are declared once (:class:`Hparam`): type, valid range, the random-search
-distribution used by sweeps, and a sentence on what it changes. Defaults resolve in this order:
-shared training defaults < the dataset's protocol defaults < the method's defaults < the
-method's per-dataset defaults < the user's ``--hparams``.
+distribution used by sweeps, and a sentence on what it changes. Values resolve in this order, each
+layer overriding the previous ones: every hparam's declared default (the shared training ones of
+:data:`TRAINING_HPARAMS` and the method's own) < the dataset's training protocol
+(``DatasetSource.training_defaults``, only the keys the method has) < the method's per-dataset
+defaults (``defaults_per_dataset``) < the user's ``--hparams``.
 """
 
 from __future__ import annotations
@@ -28,18 +35,17 @@ import math
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from bench.errors import ConfigError
-
-if TYPE_CHECKING:
-    from bench.backbones import Classifier
-    from bench.trainer import TrainData
-
+from bench.core.artifacts import ArtifactStore
+from bench.core.backbones import Classifier
+from bench.core.device_data import DeviceData
+from bench.core.errors import ConfigError
 
 # --------------------------------------------------------------------------------------------
 # Hyperparameters
@@ -150,16 +156,47 @@ class Batch:
     group: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class BaseRun:
+    """A finished run whose final model a method starts from instead of training it again.
+
+    Found by the runner (``bench.runner.find_base_run``: a finished run of the method's
+    ``base_method`` with this run's dataset and training hparams), recorded in ``config.json`` and
+    handed over here. ``source`` says which run it is (for the record); ``load_state`` returns that
+    run's method state (its ``state_dict()`` after the last epoch).
+    """
+
+    source: str
+    load_state: Callable[[], dict[str, Any]]
+
+
 @dataclass
 class MethodContext:
-    """What a method is given: resolved hparams, the dataset's description, a model factory."""
+    """What a method is given: resolved hparams, the dataset's description, a model factory, and
+    the run's artifact store and base run (see :class:`BaseRun`)."""
 
     hparams: dict[str, Any]
     dataset_info: dict[str, Any]
     device: torch.device
     make_model: Callable[[], Classifier]
     seed: int
-    extras: dict[str, Any] = field(default_factory=dict)
+    artifacts: ArtifactStore = field(default_factory=ArtifactStore)
+    base_run: BaseRun | None = None
+
+
+def erm_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
+             ) -> tuple[torch.Tensor, float]:
+    """One plain cross-entropy step (ERM's): returns the logits (computed before the step) and the loss.
+
+    Every method whose step is ERM's calls this, so that for the same seed and batches its model is
+    bit-identical to an ``erm`` run's (DFR reuses finished ERM runs on that ground).
+    """
+    logits = model(x)
+    loss = F.cross_entropy(logits, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return logits, loss.item()
 
 
 class Method:
@@ -167,10 +204,21 @@ class Method:
 
     name: ClassVar[str]
     paper: ClassVar[str] = ""
-    hparams: ClassVar[dict[str, Hparam]] = {}
-    dataset_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
-    uses_train_group_labels: ClassVar[bool] = False
+    # The method's own hyperparameters (the shared training ones are TRAINING_HPARAMS).
+    own_hparams: ClassVar[dict[str, Hparam]] = {}
+    # Per dataset name: values of hparams (own or training) that override the dataset's protocol.
+    defaults_per_dataset: ClassVar[dict[str, dict[str, Any]]] = {}
+    # Per dataset name: dataset options (``--data-option``) the method's protocol sets; the user's win.
+    data_options_per_dataset: ClassVar[dict[str, dict[str, Any]]] = {}
     primary: ClassVar[str] = "model"
+    # A method whose first stage trains exactly what a finished run of this method trained (DFR:
+    # "erm") gets that run as ``context.base_run`` when there is one.
+    base_method: ClassVar[str | None] = None
+
+    @classmethod
+    def uses_train_group_labels(cls, hparams: Mapping[str, Any]) -> bool:
+        """Whether training batches carry group labels (and ``data.groups("train")`` answers)."""
+        return False
 
     def __init__(self, context: MethodContext) -> None:
         self.context = context
@@ -196,8 +244,11 @@ class Method:
     def stages(self) -> list[Stage]:
         return [Stage("train", self.hp["epochs"])]
 
-    def begin_stage(self, stage: Stage, data: TrainData, resuming: bool) -> None:
+    def begin_stage(self, stage: Stage, data: DeviceData, resuming: bool) -> None:
         """Prepare a stage. With ``resuming``, only build what load_state_dict will fill in."""
+
+    def begin_epoch(self, stage: Stage, epoch: int) -> None:
+        """Called before each epoch's ``epoch_indices`` (``epoch`` counts from 0 within the stage)."""
 
     def epoch_indices(self, stage: Stage, epoch: int, n_train: int, generator: torch.Generator) -> torch.Tensor:
         """Order of the training examples for one epoch (default: a uniform shuffle)."""
@@ -206,7 +257,7 @@ class Method:
     def update(self, batch: Batch) -> dict[str, float]:
         raise NotImplementedError(f"{type(self).__name__} has a gradient stage but no update()")
 
-    def fit(self, stage: Stage, data: TrainData) -> dict[str, Any]:
+    def fit(self, stage: Stage, data: DeviceData) -> dict[str, Any]:
         raise NotImplementedError(f"{type(self).__name__} has a fit stage but no fit()")
 
     def predictors(self) -> dict[str, nn.Module]:
@@ -245,19 +296,20 @@ class Method:
 
 def hparam_specs(method_cls: type[Method]) -> dict[str, Hparam]:
     """All hyperparameters of a method: the shared training ones and its own."""
-    return {**TRAINING_HPARAMS, **method_cls.hparams}
+    return {**TRAINING_HPARAMS, **method_cls.own_hparams}
 
 
 def resolve_hparams(
     method_cls: type[Method],
     dataset_name: str,
-    dataset_defaults: Mapping[str, Any],
+    protocol: Mapping[str, Any],
     overrides: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Defaults for (method, dataset) with the user's overrides applied; validates everything."""
+    """Values for (method, dataset): declared defaults < the dataset's training ``protocol`` < the
+    method's per-dataset defaults < the user's ``overrides``; validates everything."""
     specs = hparam_specs(method_cls)
     resolved = {name: spec.default for name, spec in specs.items()}
-    layers = [dataset_defaults, method_cls.dataset_defaults.get(dataset_name, {}), overrides or {}]
+    layers = [protocol, method_cls.defaults_per_dataset.get(dataset_name, {}), overrides or {}]
     for layer_index, layer in enumerate(layers):
         for name, value in layer.items():
             if name not in specs:
@@ -271,10 +323,10 @@ def resolve_hparams(
 
 
 def sample_hparams(
-    method_cls: type[Method], dataset_name: str, dataset_defaults: Mapping[str, Any], draw: int
+    method_cls: type[Method], dataset_name: str, protocol: Mapping[str, Any], draw: int
 ) -> dict[str, Any]:
     """Hyperparameter draw ``draw`` for a sweep: draw 0 is the defaults, others sample each tuned hparam."""
-    resolved = resolve_hparams(method_cls, dataset_name, dataset_defaults)
+    resolved = resolve_hparams(method_cls, dataset_name, protocol)
     if draw == 0:
         return resolved
     for name, spec in hparam_specs(method_cls).items():

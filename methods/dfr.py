@@ -7,15 +7,21 @@ Correlations", ICLR 2023. Reference code: PolinaKirichenko/deep_feature_reweight
 
 One run, two stages, through the shared trainer:
 
-1. ``erm`` (gradient, not selectable): the base model, plain cross-entropy ERM for ``epochs`` epochs;
-   its final weights are used (no early stopping, as the paper). The step, the initialisation and the
-   batch order are those of an ``erm`` run with the same seed and training hparams, so when such a run
-   has already finished under the same ``--out`` (same dataset, dataset options, backbone, weights and
-   training hparams), its final weights are loaded from its ``checkpoint.pt`` and this stage runs
-   0 epochs. Which happened is written to ``dfr_base_model.json`` in the run folder when the run starts
-   (a resumed run keeps that decision) and to the fit log (``base_model``: ``reused <path>``/``trained``).
+1. ``erm`` (gradient, not selectable): the base model, plain cross-entropy ERM for ``epochs`` epochs
+   (``methods.base.erm_step``); its final weights are used (no early stopping, as the paper). The step,
+   the initialisation and the batch order are those of an ``erm`` run with the same seed and training
+   hparams, so DFR declares ``base_method = "erm"``: when such a run has already finished under the same
+   ``--out`` (same dataset, dataset options, backbone, weights and training hparams), the runner hands it
+   over as ``context.base_run``, its final weights are loaded and this stage runs 0 epochs. The runner
+   records its decision in ``config.json`` (``base_run``; a resumed run keeps it) and the fit log says
+   ``base_model``: ``reused <run>`` or ``trained``.
+   Data augmentation: the paper's code trains its base models with ``--augment_data`` (its README
+   commands for Waterbirds and CelebA), so on those two datasets DFR sets the dataset option
+   ``augment=true`` (``data_options_per_dataset``; ``--data-option augment=false`` turns it off). Its
+   augmentation there is group_DRO's Waterbirds transform for both datasets; for CelebA the harness
+   applies CelebA's own (random resized crop of ratio 1-4/3 and flip), a deviation in the crop only.
 2. ``refit`` (fit, selectable): penultimate features (``model.featurizer``, eval mode, eval transform)
-   are extracted once and cached in the run folder (``dfr_features.pt``, keyed by a digest of the
+   are extracted once and kept in the run's artifact store (``dfr_features``, keyed by a digest of the
    featurizer's weights: val features, plus the training features' mean/std when the scaler is fit on
    them, plus all training features for ``dfr-train`` -- 1.3 GB for CelebA with ResNet-50). Then L1
    logistic regression (scikit-learn, liblinear) is tuned and refitted as below, and the averaged,
@@ -36,13 +42,14 @@ Variants (where the references disagree, the choice is named):
   The final fit's scaler is where the references disagree: ``scaler_fit=train`` (default) fits it on
   all training-set features, as the paper's code (``scaler.fit(all_embeddings["train"])``);
   ``scaler_fit=val`` fits it on all validation features, as izmailovpavel/spurious_feature_learning.
-  Only val group labels are used, exactly as every method's model selection uses them, so the class
-  declares ``uses_train_group_labels = False``.
+  Only val group labels are used, exactly as every method's model selection uses them, so
+  ``uses_train_group_labels`` is false for it.
 * ``dfr-train`` = DFR^Tr_Tr ("DFR_train", ``variant=train``): the balanced subsets are drawn from the
-  TRAINING set, which needs training group labels. ``uses_train_group_labels`` is a class attribute that
-  the runner reads before building the method (it decides whether batches and ``data.groups("train")``
-  carry groups, and it is recorded in every run's config), so this variant is its own registered class:
-  its records then say truthfully that it used training groups, and ``dfr`` can never touch them. As
+  TRAINING set, which needs training group labels: ``uses_train_group_labels`` is true for this variant
+  (the runner reads it from the resolved hparams before building the method; it decides whether batches
+  and ``data.groups("train")`` carry groups, and it is recorded in every run's config). The same class
+  is registered under this second name with ``variant`` fixed to ``train``, so that its records say
+  truthfully that it used training groups and ``dfr`` can never touch them. As
   the paper's code (``dfr_train_subset_tune``/``dfr_train_subset_eval``): scaler fit on all training
   features; tuning fits one balanced training subset per C with ``max_iter=20`` and scores worst-group
   accuracy on the whole val set; the final model averages ``n_refits`` = 10 fits. The optional
@@ -77,26 +84,18 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import inspect
-import json
-import random
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from bench import records
-from bench.errors import DataError
-from methods import register_method
-from methods.base import TRAINING_HPARAMS, Batch, Hparam, Method, MethodContext, Stage
-
-if TYPE_CHECKING:
-    from bench.records import RunDir
-    from bench.trainer import TrainData
+from bench.core.device_data import DeviceData
+from bench.core.errors import DataError
+from methods import register_method, register_variant
+from methods.base import Batch, Hparam, Method, MethodContext, Stage, erm_step
 
 # The paper code's grid of inverse L1 strengths (deep_feature_reweighting: C_OPTIONS).
 C_GRID: tuple[float, ...] = (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)
@@ -105,8 +104,7 @@ C_GRID: tuple[float, ...] = (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)
 MAX_ITER = 100
 TRAIN_TUNE_MAX_ITER = 20
 
-FEATURE_CACHE = "dfr_features.pt"
-BASE_MODEL_RECORD = "dfr_base_model.json"
+FEATURE_ARTIFACT = "dfr_features"  # the run's artifact store keeps it as dfr_features.pt
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,16 +256,6 @@ def averaged_refit(
     return np.mean(weights, axis=0), np.mean(biases, axis=0), subset_sizes
 
 
-@contextmanager
-def preserved_rng_state() -> Iterator[None]:
-    """Run a block without changing the global random states (Python, NumPy, torch CPU and CUDA)."""
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_available() else []):
-        yield
-    random.setstate(python_state)
-    np.random.set_state(numpy_state)
-
-
 def model_digest(module: nn.Module) -> str:
     """SHA-1 of a module's state (names and bytes): identifies the featurizer a feature cache belongs to."""
     digest = hashlib.sha1()
@@ -288,7 +276,7 @@ class DFR(Method):
         "Kirichenko, Izmailov, Wilson, Last Layer Re-Training is Sufficient for Robustness to Spurious "
         "Correlations, ICLR 2023 (DFR_val)"
     )
-    hparams: ClassVar[dict[str, Hparam]] = {
+    own_hparams: ClassVar[dict[str, Hparam]] = {
         "variant": Hparam(
             "val",
             "DFR variant: val = DFR_val (balanced subsets of the validation set); DFR_train is the method dfr-train",
@@ -305,7 +293,7 @@ class DFR(Method):
             choices=("train", "val"),
         ),
     }
-    dataset_defaults: ClassVar[dict[str, dict[str, Any]]] = {
+    defaults_per_dataset: ClassVar[dict[str, dict[str, Any]]] = {
         # PolinaKirichenko/deep_feature_reweighting README / train_classifier.py (base-model protocol).
         "waterbirds": {"backbone": "resnet50", "pretrained": True, "optimizer": "sgd", "momentum": 0.9,
                        "lr": 1e-3, "weight_decay": 1e-3, "batch_size": 32, "epochs": 100},
@@ -314,105 +302,46 @@ class DFR(Method):
         # Not in the DFR paper: the dataset's protocol (Whac-A-Mole's ERM) trains the base model.
         "urbancars": {},
     }
-    uses_train_group_labels = False
+    # The same README commands train the base models with --augment_data.
+    data_options_per_dataset: ClassVar[dict[str, dict[str, Any]]] = {
+        "waterbirds": {"augment": "true"},
+        "celeba": {"augment": "true"},
+    }
+    base_method = "erm"
+
+    @classmethod
+    def uses_train_group_labels(cls, hparams: Mapping[str, Any]) -> bool:
+        return hparams["variant"] == "train"
 
     def __init__(self, context: MethodContext) -> None:
         super().__init__(context)
         self.model = self.new_model()
         self.optimizer = self.new_optimizer(self.model.parameters())
-        self._reused_run: str | None = None
-        self._decided = False
-
-    # -- the base model -----------------------------------------------------------------------
-    def _run_dir(self) -> RunDir | None:
-        return self.context.extras.get("run_dir")
-
-    def _finished_erm_run(self) -> RunDir | None:
-        """The finished ``erm`` run this run's base model would duplicate, if there is one.
-
-        Its folder is the one ``bench.runner`` gives an ``erm`` request with this run's dataset, dataset
-        options, weights and training hparams (``run_identity``, the identity ``prepare`` uses).
-        """
-        request = self.context.extras.get("request")
-        out = self.context.extras.get("out")
-        if request is None or out is None:
-            return None
-        from bench.records import RunDir
-        from bench.runner import run_identity  # here: bench.runner imports the method registry
-
-        erm_request = dataclasses.replace(
-            request,
-            method="erm",
-            hparams=[f"{name}={self.hp[name]}" for name in TRAINING_HPARAMS],
-            epochs=None,
-            backbone=None,
-            dataset_options=dict(request.dataset_options),
-            out=out,
-        )
-        # Whatever the lookup does, it must not consume the random numbers of this run's training, so
-        # that a base model trained here equals the erm run's.
-        with preserved_rng_state():
-            identity = run_identity(erm_request)
-        erm_dir = RunDir.for_run(out, request.dataset, "erm", identity, self.context.seed)
-        return erm_dir if erm_dir.is_done() and erm_dir.checkpoint.exists() else None
-
-    def _decide_base_model(self) -> None:
-        """Reuse a finished ERM run or train the base model; a resumed run keeps its first decision."""
-        if self._decided:
-            return
-        self._decided = True
-        run_dir = self._run_dir()
-        record = run_dir.path / BASE_MODEL_RECORD if run_dir is not None else None
-        if record is not None and run_dir.checkpoint.exists() and record.exists():
-            self._reused_run = json.loads(record.read_text())["reused_erm_run"]
-            return
-        erm_dir = self._finished_erm_run()
-        self._reused_run = str(erm_dir.path) if erm_dir is not None else None
-        if record is not None:
-            records.atomic_write_json(record, {"reused_erm_run": self._reused_run})
-
-    def _load_reused_weights(self) -> None:
-        assert self._reused_run is not None
-        from bench.records import RunDir
-
-        checkpoint_path = RunDir(self._reused_run).checkpoint
-        try:
-            checkpoint = torch.load(checkpoint_path, map_location=self.device, weights_only=False)
-        except (OSError, RuntimeError) as error:
-            raise DataError(f"DFR: cannot read the ERM run's checkpoint {checkpoint_path}: {error}") from error
-        self.model.load_state_dict(checkpoint["method"]["model"])
 
     # -- protocol -------------------------------------------------------------------------------
     def stages(self) -> list[Stage]:
-        self._decide_base_model()
-        erm_epochs = 0 if self._reused_run is not None else int(self.hp["epochs"])
+        erm_epochs = 0 if self.context.base_run is not None else int(self.hp["epochs"])
         return [Stage("erm", erm_epochs, selectable=False), Stage("refit", 1, kind="fit")]
 
-    def begin_stage(self, stage: Stage, data: TrainData, resuming: bool) -> None:
-        if stage.name == "refit" and not resuming and self._reused_run is not None:
-            self._load_reused_weights()
+    def begin_stage(self, stage: Stage, data: DeviceData, resuming: bool) -> None:
+        if stage.name == "refit" and not resuming and self.context.base_run is not None:
+            self.model.load_state_dict(self.context.base_run.load_state()["model"])
 
     def update(self, batch: Batch) -> dict[str, float]:
-        # Exactly ERM's step (methods/erm.py), so a trained base model equals the erm run's.
-        loss = F.cross_entropy(self.model(batch.x), batch.y)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return {"loss": loss.item()}
+        _, loss = erm_step(self.model, self.optimizer, batch.x, batch.y)
+        return {"loss": loss}
 
     def predictors(self) -> dict[str, nn.Module]:
         return {"model": self.model}
 
     # -- the refit ------------------------------------------------------------------------------
-    def _features(self, data: TrainData) -> tuple[dict[str, Any], str]:
-        """Val features, and train features or only their scaler statistics, from the cache if valid."""
+    def _features(self, data: DeviceData) -> tuple[dict[str, Any], str]:
+        """Val features, and train features or only their scaler statistics, from the artifact store if valid."""
         need_train_features = self.hp["variant"] == "train"
         need_train_scaler = self.hp["scaler_fit"] == "train"
         digest = model_digest(self.model.featurizer)
-        run_dir = self._run_dir()
-        cache_path = run_dir.path / FEATURE_CACHE if run_dir is not None else None
-        if cache_path is not None and cache_path.exists():
-            cached = torch.load(cache_path, map_location="cpu", weights_only=True)
+        cached = self.context.artifacts.load(FEATURE_ARTIFACT)
+        if cached is not None:
             has_all = "val" in cached and (not need_train_features or "train" in cached) and (
                 not need_train_scaler or "train_mean" in cached
             )
@@ -427,11 +356,10 @@ class DFR(Method):
             features["train_scale"] = torch.from_numpy(scaler.scale)
             if need_train_features:
                 features["train"] = train
-        if cache_path is not None:
-            records.atomic_torch_save(cache_path, features)
+        self.context.artifacts.save(FEATURE_ARTIFACT, features)
         return features, "extracted"
 
-    def fit(self, stage: Stage, data: TrainData) -> dict[str, Any]:
+    def fit(self, stage: Stage, data: DeviceData) -> dict[str, Any]:
         features, feature_source = self._features(data)
         rng = np.random.default_rng([self.context.seed, 0xDF])
         val_x = features["val"].numpy()
@@ -477,7 +405,7 @@ class DFR(Method):
             classifier.weight.copy_(torch.as_tensor(folded_weight, dtype=classifier.weight.dtype))
             classifier.bias.copy_(torch.as_tensor(folded_bias, dtype=classifier.bias.dtype))
         return {
-            "base_model": f"reused {self._reused_run}" if self._reused_run is not None else "trained",
+            "base_model": f"reused {self.context.base_run.source}" if self.context.base_run is not None else "trained",
             "variant": self.hp["variant"],
             "features": feature_source,
             "scaler_fit": self.hp["scaler_fit"],
@@ -490,14 +418,14 @@ class DFR(Method):
         }
 
 
-@register_method
-class DFRTrain(DFR):
-    name = "dfr-train"
-    paper = (
+register_variant(
+    DFR,
+    "dfr-train",
+    paper=(
         "Kirichenko, Izmailov, Wilson, Last Layer Re-Training is Sufficient for Robustness to Spurious "
         "Correlations, ICLR 2023 (DFR_train)"
-    )
-    hparams: ClassVar[dict[str, Hparam]] = {
+    ),
+    own_hparams={
         "variant": Hparam(
             "train",
             "DFR variant: train = DFR_train (balanced subsets of the training set); DFR_val is the method dfr",
@@ -512,5 +440,5 @@ class DFRTrain(DFR):
             str,
             choices=("train",),
         ),
-    }
-    uses_train_group_labels = True
+    },
+)

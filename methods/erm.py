@@ -7,11 +7,10 @@ epochs) is the dataset's ``training_defaults``.
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import nn
 
 from methods import register_method
-from methods.base import Batch, Method, MethodContext
+from methods.base import Batch, Method, MethodContext, erm_step
 
 
 @register_method
@@ -25,11 +24,8 @@ class ERM(Method):
         self.optimizer = self.new_optimizer(self.model.parameters())
 
     def update(self, batch: Batch) -> dict[str, float]:
-        loss = F.cross_entropy(self.model(batch.x), batch.y)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return {"loss": loss.item()}
+        _, loss = erm_step(self.model, self.optimizer, batch.x, batch.y)
+        return {"loss": loss}
 
     def predictors(self) -> dict[str, nn.Module]:
         return {"model": self.model}

@@ -34,17 +34,16 @@ Choices where the reference code and the paper leave room:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.core.device_data import DeviceData
 from methods import register_method
 from methods.base import Batch, Hparam, Method, MethodContext, Stage, log_uniform, one_of
-
-if TYPE_CHECKING:
-    from bench.trainer import TrainData
 
 
 def group_mean_losses(
@@ -105,8 +104,7 @@ class GroupDRO(Method):
         "Sagawa, Koh, Hashimoto, Liang, Distributionally Robust Neural Networks for Group Shifts, ICLR 2020 "
         "(kohpangwei/group_DRO minibatch variant)"
     )
-    uses_train_group_labels = True
-    hparams = {
+    own_hparams = {
         "eta": Hparam(0.01, "step size of the exponentiated-gradient update of the group weights q", float,
                       low=0.0, search=log_uniform(-3, -1)),
         "generalization_adjustment": Hparam(
@@ -115,10 +113,10 @@ class GroupDRO(Method):
         "reweight_groups": Hparam(True, "sample training examples group-balanced (weight N/n_g, with "
                                   "replacement) instead of a uniform shuffle", bool),
     }
-    dataset_defaults = {
+    defaults_per_dataset = {
         # The paper's "strong L2" GroupDRO: lr 1e-5 with weight decay 1.0 (Waterbirds) / 0.1 (CelebA), SGD momentum
-        # 0.9, batch 128, 300 / 50 epochs (Sagawa et al. 2020; the same lr and weight decay as the anniesch/jtt
-        # README commands; see /work/shared/research/methods-datasets.md A1, A5).
+        # 0.9, batch 128, 300 / 50 epochs (Sagawa et al. 2020, kohpangwei/group_DRO README; the same lr and weight
+        # decay as the anniesch/jtt README commands).
         "waterbirds": {"optimizer": "sgd", "momentum": 0.9, "lr": 1e-5, "weight_decay": 1.0, "batch_size": 128,
                        "epochs": 300},
         "celeba": {"optimizer": "sgd", "momentum": 0.9, "lr": 1e-5, "weight_decay": 0.1, "batch_size": 128,
@@ -134,6 +132,10 @@ class GroupDRO(Method):
         "spawrious-synth": {"eta": 0.01},
     }
 
+    @classmethod
+    def uses_train_group_labels(cls, hparams: Mapping[str, Any]) -> bool:
+        return True
+
     def __init__(self, context: MethodContext) -> None:
         super().__init__(context)
         self.model = self.new_model()
@@ -144,7 +146,7 @@ class GroupDRO(Method):
         self.q = self.active.to(torch.float64) / self.active.sum()
         self._train_groups: torch.Tensor | None = None
 
-    def begin_stage(self, stage: Stage, data: TrainData, resuming: bool) -> None:
+    def begin_stage(self, stage: Stage, data: DeviceData, resuming: bool) -> None:
         # Kept on the CPU for the sampler; the trainer hands each batch's groups to update().
         self._train_groups = data.groups("train").cpu()
 

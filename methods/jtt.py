@@ -25,27 +25,24 @@ Where the references disagree, ``error_set_pass`` chooses how the stage-1 predic
   the predictions come from a model that has completed T epochs. An example the trainer skipped in
   that pass (only a trailing batch of one is skipped) is predicted in eval mode instead.
 
-Training group labels are never used (``uses_train_group_labels = False``). For the record only, the
-error set's group composition is read from the dataset in ``begin_stage`` and logged as bookkeeping;
-nothing the method computes depends on it.
+Training group labels are never used (``uses_train_group_labels`` is false). For the record only, the
+error set's group composition is counted through ``DeviceData.record_only_group_counts`` in
+``begin_stage`` and logged as bookkeeping; nothing the method computes depends on it.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from bench.core.device_data import DeviceData
 from methods import register_method
-from methods.base import Batch, Hparam, Method, MethodContext, Stage
-
-if TYPE_CHECKING:
-    from bench.trainer import TrainData
+from methods.base import Batch, Hparam, Method, MethodContext, Stage, erm_step
 
 UNSEEN, WRONG, RIGHT = -1, 0, 1
 
@@ -72,10 +69,9 @@ class JTT(Method):
         "Liu et al., Just Train Twice: Improving Group Robustness without Training Group Information, ICML 2021 "
         "(anniesch/jtt)"
     )
-    uses_train_group_labels = False
     # Search ranges: SubpopBench draws lambda from 10^U(0, 2.5) and the stage-1 length as a fraction U(0.2, 0.8) of
     # all steps; our stage 1 is counted in epochs, so T is drawn log-uniformly over the papers' values 1..60 instead.
-    hparams = {
+    own_hparams = {
         "id_epochs": Hparam(1, "T: epochs of the ERM identification model whose errors form the error set", int,
                             low=1, search=log_uniform_int(1, 60)),
         "upweight": Hparam(100, "lambda_up: extra copies of each error-set example in stage 2 (each appears "
@@ -84,10 +80,10 @@ class JTT(Method):
                                  "Whac-A-Mole) or 'train' (during the training pass, anniesch/jtt)", str,
                                  choices=("eval", "train")),
     }
-    dataset_defaults = {
+    defaults_per_dataset = {
         # The JTT paper's values, as in the anniesch/jtt README commands: T and lambda_up per dataset, both stages
         # SGD momentum 0.9 with these lr / weight decay, batch 64 (generate_downstream.py), 300 final epochs on
-        # Waterbirds and 50 on CelebA (methods-datasets.md A2).
+        # Waterbirds and 50 on CelebA (Liu et al. 2021, Appendix).
         "waterbirds": {"id_epochs": 60, "upweight": 100, "optimizer": "sgd", "momentum": 0.9, "lr": 1e-5,
                        "weight_decay": 1.0, "batch_size": 64, "epochs": 300},
         "celeba": {"id_epochs": 1, "upweight": 50, "optimizer": "sgd", "momentum": 0.9, "lr": 1e-5,
@@ -122,24 +118,21 @@ class JTT(Method):
         identify_epochs = self.hp["id_epochs"] + (1 if self.hp["error_set_pass"] == "train" else 0)
         return [Stage("identify", identify_epochs, selectable=False), Stage("final", self.hp["epochs"])]
 
-    def begin_stage(self, stage: Stage, data: TrainData, resuming: bool) -> None:
+    def begin_stage(self, stage: Stage, data: DeviceData, resuming: bool) -> None:
         self._stage_name = stage.name
         self._n_train = data.n("train")
         if stage.name == "final" and not resuming:
             self.error_set = self._identify_errors(data)
-            # Bookkeeping for the record, never used by the method: the trainer hides training groups
-            # from this method (data.groups("train") raises and batches carry no groups), so they are read
-            # from the dataset object here, counted, and only the counts are kept (and logged).
-            train_groups = data.dataset.splits["train"].group
-            self.error_set_group_counts = torch.bincount(
-                train_groups[self.error_set], minlength=data.dataset.n_groups).tolist()
+            # Bookkeeping for the record, never used by the method (data.groups("train") raises for JTT
+            # and its batches carry no groups): only the counts are kept, and logged.
+            self.error_set_group_counts = data.record_only_group_counts("train", self.error_set)
             self.train_pass_correct = None
         # Each stage starts from a fresh model; the stage-1 model is dropped once its errors are known.
         # When resuming, load_state_dict() fills these in right after.
         self.model = self.new_model()
         self.optimizer = self.new_optimizer(self.model.parameters())
 
-    def _identify_errors(self, data: TrainData) -> torch.Tensor:
+    def _identify_errors(self, data: DeviceData) -> torch.Tensor:
         assert self.model is not None
         labels = data.labels("train").cpu()
         if self.hp["error_set_pass"] == "eval":
@@ -156,30 +149,29 @@ class JTT(Method):
             wrong[unseen] = predictions != labels[unseen]
         return torch.nonzero(wrong).flatten()
 
+    def begin_epoch(self, stage: Stage, epoch: int) -> None:
+        self._collecting = (stage.name == "identify" and self.hp["error_set_pass"] == "train"
+                            and epoch == stage.epochs - 1)
+        if self._collecting:
+            self.train_pass_correct = torch.full((self._n_train,), UNSEEN, dtype=torch.int8)
+
     def epoch_indices(self, stage: Stage, epoch: int, n_train: int, generator: torch.Generator) -> torch.Tensor:
         if stage.name == "identify":
-            self._collecting = self.hp["error_set_pass"] == "train" and epoch == stage.epochs - 1
-            if self._collecting:
-                self.train_pass_correct = torch.full((n_train,), UNSEEN, dtype=torch.int8)
             return torch.randperm(n_train, generator=generator)
-        self._collecting = False
         assert self.error_set is not None
         pool = upsampled_indices(n_train, self.error_set, self.hp["upweight"])
         return pool[torch.randperm(len(pool), generator=generator)]
 
     def update(self, batch: Batch) -> dict[str, float]:
         assert self.model is not None and self.optimizer is not None
-        logits = self.model(batch.x)
+        logits, loss = erm_step(self.model, self.optimizer, batch.x, batch.y)
         if self._collecting:
-            # Before the optimiser step, as the reference records its training-pass outputs.
+            # The logits were computed before the optimiser step, as the reference records its
+            # training-pass outputs.
             assert self.train_pass_correct is not None
             right = (logits.detach().argmax(dim=1) == batch.y).cpu()
             self.train_pass_correct[batch.index.cpu()] = torch.where(right, RIGHT, WRONG).to(torch.int8)
-        loss = F.cross_entropy(logits, batch.y)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return {"loss": loss.item()}
+        return {"loss": loss}
 
     def predictors(self) -> dict[str, nn.Module]:
         assert self.model is not None, "begin_stage() builds the model"

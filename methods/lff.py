@@ -30,7 +30,7 @@ obtained with it, and the re-implementations compared against (facebookresearch/
 learning rate for the biased model; Adam is nearly invariant to it. The logged ``loss_biased`` is the
 reference value.
 
-No group or bias label is used in training (``uses_train_group_labels = False``); model selection uses
+No group or bias label is used in training (``uses_train_group_labels`` is false); model selection uses
 val groups like every method. The debiased model is the result (``primary = "debiased"``); the biased
 one is evaluated beside it.
 
@@ -52,18 +52,16 @@ ignores the bird (worst-group 0), q = 0.3, 0.7 and 0.9 all give validation worst
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.core.backbones import Classifier
+from bench.core.device_data import DeviceData
 from methods import register_method
 from methods.base import Batch, Hparam, Method, MethodContext, Stage, uniform
-
-if TYPE_CHECKING:
-    from bench.backbones import Classifier
-    from bench.trainer import TrainData
 
 WEIGHT_EPS = 1e-8  # the reference's denominator guard in W = L_B / (L_B + L_D + eps)
 
@@ -133,8 +131,7 @@ class LfF(Method):
         "NeurIPS 2020 (alinlab/LfF)"
     )
     primary = "debiased"
-    uses_train_group_labels = False
-    hparams: ClassVar[dict[str, Hparam]] = {
+    own_hparams: ClassVar[dict[str, Hparam]] = {
         "q": Hparam(
             0.7, "GCE exponent of the biased model (larger: it fits only the easiest, most biased examples)",
             float, low=1e-6, high=1.0, search=uniform(0.05, 0.95),  # SubpopBench's LfF_q distribution
@@ -145,7 +142,7 @@ class LfF(Method):
             False, "train only the last layer of both models, as alinlab/LfF's ResNet configs", bool
         ),
     }
-    dataset_defaults: ClassVar[dict[str, dict[str, Any]]] = {
+    defaults_per_dataset: ClassVar[dict[str, dict[str, Any]]] = {
         # alinlab/LfF config.py `celeba` (backbone frozen there: add freeze_backbone=true to reproduce).
         "celeba": {"backbone": "resnet18", "pretrained": True, "optimizer": "adam", "lr": 1e-4,
                    "weight_decay": 1e-4, "batch_size": 256, "epochs": 200, "q": 0.7, "ema_alpha": 0.7},
@@ -174,7 +171,7 @@ class LfF(Method):
     def stages(self) -> list[Stage]:
         return [Stage("train", int(self.hp["epochs"]))]
 
-    def begin_stage(self, stage: Stage, data: TrainData, resuming: bool) -> None:
+    def begin_stage(self, stage: Stage, data: DeviceData, resuming: bool) -> None:
         labels = data.labels("train").to(self.device)
         alpha = float(self.hp["ema_alpha"])
         self.ema_biased = PerExampleLossEMA(labels, self.n_classes, alpha)

@@ -80,7 +80,7 @@ def saliency_penalty(
     """The unlearning penalty between the teacher's and the (detached) student's input gradients.
 
     ``mse``: mean over the batch and the pixels of ``(N(g_T) - (-N(g_S)))**2``, the paper's
-    reading in ule.md §2.3: the teacher's map is pulled towards the negated student's map.
+    reading of docs/ule.md: the teacher's map is pulled towards the negated student's map.
     ``cosine``: ``1 - cos(g_T, -g_S) = 1 + cos(g_T, g_S)`` in [0, 2], the same target without
     the magnitudes. ``orthogonal``: ``cos(g_T, g_S)**2``, which is zero when the maps are
     orthogonal, i.e. it asks the teacher to ignore what the student looks at instead of
@@ -99,7 +99,7 @@ def saliency_penalty(
     raise ValueError(f"unknown distance {distance!r}; choose one of {DISTANCES}")
 
 
-# The ERM protocol shared by the real datasets (see ULE.dataset_defaults).
+# The ERM protocol shared by the real datasets (see ULE.defaults_per_dataset).
 _RESNET50_SGD: dict[str, Any] = {
     "backbone": "resnet50", "pretrained": True, "optimizer": "sgd", "momentum": 0.9, "batch_size": 128,
 }
@@ -119,7 +119,7 @@ class ULE(Method):
     """ULE (Mitchell, Martínez del Rincón, McLaughlin; arXiv 2409.02792, 2024; Pattern Analysis
     and Applications 28(4), 2025). No public code by the authors exists: this is a reconstruction
     from the paper's abstract and the loss described by a third-party adaptation (dULE), see
-    /work/shared/research/ule.md §2.
+    docs/ule.md.
 
     Two classifiers of the same backbone see the same batches, each with its own optimiser. The
     student is plain ERM (cross-entropy, no constraint) and learns the shortcut. The teacher is
@@ -127,7 +127,7 @@ class ULE(Method):
     student's input gradient, which is detached: nothing of the teacher reaches the student.
     The teacher is the method's result (``primary``); the student is recorded beside it.
 
-    Implemented default, per batch (ule.md §2.3, with the centred logit of docs/ule.md)::
+    Implemented default, per batch (docs/ule.md, "What is implemented")::
 
         L_S = CE(S(x), y)
         c_M(x) = M(x)_y - mean_k M(x)_k         # centred true-class logit of model M
@@ -138,7 +138,7 @@ class ULE(Method):
 
     Known from the paper (abstract): the two models, the same batches, the unconstrained student,
     the teacher using the gradient of the student's output with respect to the input, no group
-    labels. Our choices (inferred, ule.md §2.3; the paper's own are unknown): the centred
+    labels. Our choices (inferred; the paper's own are unknown): the centred
     true-class logit as "output" (the raw logit, ``logit_true``, was our first default; it lets
     the teacher meet the penalty through a shift of all its logits that the softmax ignores,
     without changing a prediction, as measured in docs/ule.md; for two classes the centred logit
@@ -146,7 +146,7 @@ class ULE(Method):
     to the negated map (as in dULE), a detached
     student gradient, penalty_weight = 1, the student stepping before the teacher on the same
     batch (the order does not matter: the student's gradient is taken before its step), and
-    the optional warm-up. The per-dataset defaults in ``dataset_defaults`` say where they come from.
+    the optional warm-up. The per-dataset defaults in ``defaults_per_dataset`` say where they come from.
 
     Knobs: ``penalty_weight`` (lambda), ``grad_target`` (logit_centred | logit_true | loss | logit_pred),
     ``grad_norm`` (maxabs | l2 | none), ``distance`` (mse | cosine | orthogonal),
@@ -165,9 +165,8 @@ class ULE(Method):
         "arXiv 2409.02792 (2024); Pattern Analysis and Applications 28(4) (2025)"
     )
     primary = "teacher"
-    uses_train_group_labels = False
 
-    hparams: ClassVar[dict[str, Hparam]] = {
+    own_hparams: ClassVar[dict[str, Hparam]] = {
         "penalty_weight": Hparam(
             1.0,
             "lambda, weight of the input-gradient penalty in the teacher's loss; 0: the teacher is plain ERM",
@@ -207,14 +206,14 @@ class ULE(Method):
         ),
     }
 
-    # Real datasets: the benchmark's ERM protocol of each dataset (methods-datasets.md A5; the same
+    # Real datasets: the benchmark's ERM protocol of each dataset (the same
     # values as the datasets' own training_defaults, repeated here so that ULE's protocol is stated in
     # one place): ResNet-50 ImageNet-pretrained, SGD momentum 0.9. ULE's own settings for them are
     # unknown (the paper's tables were not read), so its knobs keep the class defaults above.
-    dataset_defaults: ClassVar[dict[str, dict[str, Any]]] = {
-        # kohpangwei/group_DRO README, ERM with standard regularisation: lr 1e-3, wd 1e-4, 300 epochs.
+    defaults_per_dataset: ClassVar[dict[str, dict[str, Any]]] = {
+        # Sagawa et al. 2020, standard regularisation (the group_DRO README command's lr, wd, epochs): 1e-3, 1e-4, 300.
         "waterbirds": {**_RESNET50_SGD, "lr": 1e-3, "weight_decay": 1e-4, "epochs": 300},
-        # kohpangwei/group_DRO README, ERM with standard regularisation: lr 1e-4, wd 1e-4, 50 epochs.
+        # Sagawa et al. 2020, standard regularisation (the group_DRO README command's lr, wd, epochs): 1e-4, 1e-4, 50.
         "celeba": {**_RESNET50_SGD, "lr": 1e-4, "weight_decay": 1e-4, "epochs": 50},
         # facebookresearch/Whac-A-Mole urbancars_trainers/launcher.py: lr 1e-3, wd 1e-4, 300 epochs.
         "urbancars": {**_RESNET50_SGD, "lr": 1e-3, "weight_decay": 1e-4, "epochs": 300},
@@ -230,15 +229,14 @@ class ULE(Method):
         self.teacher = self.new_model()
         self.student_optimizer = self.new_optimizer(self.student.parameters())
         self.teacher_optimizer = self.new_optimizer(self.teacher.parameters())
-        self.epoch = 0  # index of the current epoch of the stage, set by epoch_indices()
+        self.epoch = 0  # index of the current epoch of the stage, set by begin_epoch()
         self.steps = 0  # optimisation steps done, over the whole run
 
     # -- protocol -------------------------------------------------------------------------------
-    def epoch_indices(self, stage: Stage, epoch: int, n_train: int, generator: torch.Generator) -> torch.Tensor:
-        # The trainer calls this at the start of every epoch, including the first epoch after a
-        # resume, so the warm-up position always follows the trainer's epoch counter.
+    def begin_epoch(self, stage: Stage, epoch: int) -> None:
+        # Called at the start of every epoch, including the first epoch after a resume, so the
+        # warm-up position always follows the trainer's epoch counter.
         self.epoch = epoch
-        return super().epoch_indices(stage, epoch, n_train, generator)
 
     @property
     def penalty_active(self) -> bool:

@@ -56,10 +56,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.backbones import build_backbone  # noqa: E402
-from bench.metrics import GroupStructure, summarize  # noqa: E402
+from bench.core.backbones import build_backbone  # noqa: E402
+from bench.core.dataset import SpuriousDataset  # noqa: E402
+from bench.core.metrics import GroupStructure, summarize  # noqa: E402
 from datasets import get_dataset  # noqa: E402
-from datasets.base import SpuriousDataset  # noqa: E402
 
 TWINS = ("waterbirds-synth", "celeba-synth", "urbancars-synth", "spawrious-synth")
 EVAL_BATCH = 512

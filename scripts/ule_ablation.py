@@ -27,12 +27,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.metrics import GroupStructure  # noqa: E402
+from bench.core.dataset import SPLITS  # noqa: E402
+from bench.core.metrics import GroupStructure  # noqa: E402
+from bench.core.selection import DEFAULT_RULE, RULES  # noqa: E402
 from bench.runner import RunRequest, execute, prepare  # noqa: E402
-from bench.selection import DEFAULT_RULE, RULES  # noqa: E402
 from bench.trainer import summarize_run  # noqa: E402
 from datasets import load_dataset  # noqa: E402
-from datasets.base import SPLITS  # noqa: E402
 
 # name -> (method, hparam overrides). "default" is ULE as declared in methods/ule.py (with the
 # dataset's dataset_defaults applied); every other variant overrides the knobs it names and resets
@@ -151,16 +151,16 @@ def common_mode_report(run_dir: Path, n_examples: int = 512) -> str:
     import torch
     import torch.nn.functional as F
 
-    from bench.backbones import build_backbone
-    from bench.records import RunDir
-    from bench.trainer import TrainData
+    from bench.core.backbones import build_backbone
+    from bench.core.device_data import DeviceData
+    from bench.core.records import RunDir
     from datasets import load_dataset
 
     run = RunDir(run_dir)
     config = run.read_config()
     checkpoint = torch.load(run.checkpoint, map_location="cpu", weights_only=False)
     dataset = load_dataset(config["dataset"], None, config["dataset_options"])
-    data = TrainData(dataset, torch.device("cpu"), train_groups_allowed=False)
+    data = DeviceData(dataset, torch.device("cpu"), train_groups_allowed=False)
     hparams = config["hparams"]
     models = {}
     for name in ("student", "teacher"):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -128,3 +129,41 @@ def test_deterministic_flag_is_recorded_and_changes_nothing_on_cpu(tmp_path, dat
     # ULE's double backward has deterministic CPU kernels: the same numbers as without the flag.
     selection = lambda run: json.loads((run / "final.json").read_text())["selection"]  # noqa: E731
     assert selection(det) == selection(plain)
+
+
+def _mean_std_cells(text: str) -> list[str]:
+    return re.findall(r"-?\d+\.\d ± \d+\.\d", text)
+
+
+def test_run_and_report_print_identical_numbers(capsys, tmp_path, data):
+    # One aggregator: `bench run`'s table is the report's aggregation of the seeds it just trained.
+    out = tmp_path / "results"
+    status = main(["run", "--method", "ule", "--dataset", "custom", "--data-root", str(data), "--backbone",
+                   "small-cnn", "--epochs", "2", "--seeds", "3", "--out", str(out), "--quiet", "--hparams",
+                   "pretrained=false", "batch_size=8"])
+    run_printed = capsys.readouterr().out
+    assert status == 0
+    rows = {line.split("|")[2].strip(): _mean_std_cells(line) for line in run_printed.splitlines()
+            if line.startswith("| mean ± std (n=3)")}
+    assert set(rows) == {"teacher", "student"} and all(len(cells) == 2 for cells in rows.values())
+    assert main(["report", str(out), "--no-files"]) == 0
+    report = capsys.readouterr().out
+    worst, average = report.split("## Average accuracy")[0], report.split("## Average accuracy")[1]
+    for row, (worst_cell, average_cell) in (("ule", rows["teacher"]), ("ule (student)", rows["student"])):
+        line = next(line for line in worst.splitlines() if line.startswith(f"| {row} "))
+        assert _mean_std_cells(line) == [worst_cell]
+        line = next(line for line in average.splitlines() if line.startswith(f"| {row} "))
+        assert _mean_std_cells(line) == [average_cell]
+
+
+def test_run_table_fits_a_terminal(capsys, tmp_path, data):
+    out = tmp_path / "results"
+    assert main(["run", "--method", "lff", "--dataset", "custom", "--data-root", str(data), "--backbone",
+                 "small-cnn", "--epochs", "1", "--seeds", "2", "--out", str(out), "--quiet", "--hparams",
+                 "pretrained=false", "batch_size=8"]) == 0
+    printed = capsys.readouterr().out
+    # Every line but the one naming the results folder (a path is as long as it is).
+    lines = [line for line in printed.splitlines() if "results in" not in line]
+    assert max(len(line) for line in lines) <= 100, max(lines, key=len)
+    models = [line.split("|")[2].strip() for line in lines if line.startswith("| 0 ")]
+    assert models == ["debiased", "biased"]  # the second model is a second row, not more columns

@@ -4,7 +4,7 @@ import pytest
 from helpers import write_custom_dataset
 
 from bench.cli import main
-from bench.errors import DataError
+from bench.core.errors import DataError
 from datasets import get_dataset
 
 

@@ -12,19 +12,19 @@ import torch
 from helpers import write_custom_dataset
 from torch import nn
 
-from bench.backbones import Classifier
-from bench.errors import ConfigError
-from bench.metrics import worst_group_accuracy
+from bench.core.backbones import Classifier
+from bench.core.dataset import InMemoryImages, SpuriousDataset, make_split
+from bench.core.device_data import DeviceData
+from bench.core.errors import ConfigError
+from bench.core.metrics import worst_group_accuracy
 from bench.runner import RunRequest, execute, prepare
-from bench.trainer import TrainData, evaluate
-from datasets.base import InMemoryImages, SpuriousDataset, make_split
+from bench.trainer import evaluate
 from methods import get_method
-from methods.base import MethodContext, Stage, resolve_hparams, sample_hparams
+from methods.base import BaseRun, MethodContext, Stage, resolve_hparams, sample_hparams
 from methods.dfr import (
     C_GRID,
     DFR,
-    FEATURE_CACHE,
-    DFRTrain,
+    FEATURE_ARTIFACT,
     Standardizer,
     fit_class_scores,
     fold_standardization,
@@ -36,6 +36,7 @@ from methods.dfr import (
 )
 
 REFIT = Stage("refit", 1, kind="fit")
+DFR_TRAIN = get_method("dfr-train")  # the same class, registered again with variant=train
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,7 +79,7 @@ def make_method(cls, dataset: SpuriousDataset, overrides: dict | None = None, se
         seed=seed,
     )
     method = cls(context)
-    data = TrainData(dataset, torch.device("cpu"), cls.uses_train_group_labels)
+    data = DeviceData(dataset, torch.device("cpu"), cls.uses_train_group_labels(hparams))
     return method, data
 
 
@@ -121,7 +122,7 @@ def test_refit_subsets_come_from_val_for_dfr_and_from_train_for_dfr_train():
     tuning = log["tuning_subset_group_counts"]
     assert len(set(tuning)) == 1 and 0 < tuning[0] <= 30
 
-    method, data = make_method(DFRTrain, dataset, {"n_refits": 2})
+    method, data = make_method(DFR_TRAIN, dataset, {"n_refits": 2})
     log = method.fit(REFIT, data)
     assert log["refit_subset_group_counts"] == [40, 40, 40, 40]
     assert log["tuning_subset_group_counts"] == [40, 40, 40, 40]
@@ -129,10 +130,11 @@ def test_refit_subsets_come_from_val_for_dfr_and_from_train_for_dfr_train():
 
 
 def test_dfr_never_reads_training_groups_and_dfr_train_declares_it():
-    assert DFR.uses_train_group_labels is False
-    assert DFRTrain.uses_train_group_labels is True
-    assert get_method("dfr") is DFR and get_method("dfr-train") is DFRTrain
-    # TrainData refuses training groups to DFR; its fit must succeed anyway.
+    assert DFR.uses_train_group_labels(resolve_hparams(DFR, "dfr-toy", {})) is False
+    assert DFR_TRAIN.uses_train_group_labels(resolve_hparams(DFR_TRAIN, "dfr-toy", {})) is True
+    assert get_method("dfr") is DFR and issubclass(DFR_TRAIN, DFR) and DFR_TRAIN.name == "dfr-train"
+    assert "DFR_train" in DFR_TRAIN.paper and "DFR_val" in DFR.paper
+    # DeviceData refuses training groups to DFR; its fit must succeed anyway.
     method, data = make_method(DFR, spurious_toy(), {"n_refits": 1})
     with pytest.raises(RuntimeError):
         data.groups("train")
@@ -141,12 +143,12 @@ def test_dfr_never_reads_training_groups_and_dfr_train_declares_it():
     with pytest.raises(ConfigError, match="variant='train': .*--method dfr-train"):
         resolve_hparams(DFR, "dfr-toy", {}, {"variant": "train"})
     with pytest.raises(ConfigError, match="variant='val': .*--method dfr$"):
-        resolve_hparams(DFRTrain, "dfr-toy", {}, {"variant": "val"})
+        resolve_hparams(DFR_TRAIN, "dfr-toy", {}, {"variant": "val"})
     with pytest.raises(ConfigError, match="choose one of val"):
         resolve_hparams(DFR, "dfr-toy", {}, {"variant": "both"})
     with pytest.raises(ConfigError, match="scaler_fit"):
-        resolve_hparams(DFRTrain, "dfr-toy", {}, {"scaler_fit": "val"})
-    assert resolve_hparams(DFRTrain, "dfr-toy", {})["n_refits"] == 10
+        resolve_hparams(DFR_TRAIN, "dfr-toy", {}, {"scaler_fit": "val"})
+    assert resolve_hparams(DFR_TRAIN, "dfr-toy", {})["n_refits"] == 10
     assert resolve_hparams(DFR, "dfr-toy", {})["n_refits"] == 20
 
 
@@ -271,7 +273,7 @@ def test_scaler_fit_train_and_val_both_repair_the_toy():
 def _request(method: str, root, out, hparams: list[str] | None = None) -> RunRequest:
     return RunRequest(
         method=method, dataset="custom", data_root=str(root), out=str(out), device="cpu", backbone="small-cnn",
-        hparams=["pretrained=false", "epochs=1", "batch_size=8", "lr=0.01", *(hparams or [])],
+        hparam_overrides=["pretrained=false", "epochs=1", "batch_size=8", "lr=0.01", *(hparams or [])],
     )
 
 
@@ -293,9 +295,10 @@ def test_dfr_reuses_a_finished_erm_run_and_its_features_cache(tmp_path):
     assert final["status"] == "done"
     run_dir = dfr.run_dir(0)
     log = _fit_log(run_dir)
-    assert log["base_model"] == f"reused {erm_dir.path}"
-    assert log["features"] == "extracted" and (run_dir.path / FEATURE_CACHE).exists()
-    assert json.loads((run_dir.path / "dfr_base_model.json").read_text())["reused_erm_run"] == str(erm_dir.path)
+    reused = str(erm_dir.path.relative_to(out))
+    assert log["base_model"] == f"reused {reused}"
+    assert log["features"] == "extracted" and (run_dir.path / f"{FEATURE_ARTIFACT}.pt").exists()
+    assert json.loads(run_dir.config.read_text())["base_run"] == reused
     assert not [r for r in run_dir.read_metrics() if r["stage"] == "erm"]  # no ERM epoch was trained
     assert final["selection"]["val-worst-group"]["model"]["stage"] == "refit"
     # The base model is the ERM run's final model: the featurizer is unchanged by the refit.
@@ -344,35 +347,36 @@ def test_dfr_does_not_reuse_an_erm_run_with_other_training_hparams(tmp_path):
 
 def test_dfr_has_no_random_search_of_its_own():
     # C is tuned inside every run; sweeps only vary the shared training hparams of the base model.
-    assert all(spec.search is None for spec in DFR.hparams.values())
+    assert all(spec.search is None for spec in DFR.own_hparams.values())
     draw = sample_hparams(DFR, "dfr-toy", {}, draw=3)
     assert draw["variant"] == "val" and draw["n_refits"] == 20
 
 
-def test_looking_for_the_erm_run_leaves_the_training_random_state_alone(tmp_path):
-    # prepare() builds a backbone to validate the erm request; DFR's own training (data augmentation
-    # draws from the global generators) must see the same random numbers as an erm run.
-    root = write_custom_dataset(tmp_path / "data", n_per_group=2, size=8)
-    request = _request("dfr", root, tmp_path / "results")
-    prepared = prepare(request)
-    context = MethodContext(
-        hparams=prepared.hparams, dataset_info={"n_classes": 2, "n_groups": 4}, device=torch.device("cpu"),
-        make_model=lambda: Classifier(nn.Flatten(), 3, 2), seed=0,
-        extras={"out": request.out, "request": request},
-    )
-    method = DFR(context)
+def test_stages_are_pure_and_take_the_base_run_from_the_context():
+    # The runner finds the finished ERM run (bench.runner.find_base_run) and hands it over; the method's
+    # stages() reads no file and draws no random number, so DFR's own training sees an erm run's draws.
+    dataset = spurious_toy()
+    hparams = resolve_hparams(DFR, "dfr-toy", {}, {"epochs": 3})
 
-    def draws() -> tuple[float, float, float]:
-        return torch.rand(1).item(), float(np.random.rand()), random.random()
+    def method_with(base_run):
+        context = MethodContext(hparams=hparams, dataset_info=dataset.info(), device=torch.device("cpu"),
+                                make_model=lambda: Classifier(nn.Flatten(), 3, 2), seed=0, base_run=base_run)
+        return DFR(context)
 
-    def reseed() -> None:
-        torch.manual_seed(5)
-        np.random.seed(5)
-        random.seed(5)
+    trained = method_with(None)
+    torch.manual_seed(5)
+    np.random.seed(5)
+    random.seed(5)
+    expected = (torch.rand(1).item(), float(np.random.rand()), random.random())
+    torch.manual_seed(5)
+    np.random.seed(5)
+    random.seed(5)
+    assert [s.epochs for s in trained.stages()] == [3, 1] == [s.epochs for s in trained.stages()]
+    assert (torch.rand(1).item(), float(np.random.rand()), random.random()) == expected
 
-    reseed()
-    expected = draws()
-    reseed()
-    stages = method.stages()  # looks for the erm run
-    assert draws() == expected
-    assert [s.name for s in stages] == ["erm", "refit"] and stages[0].epochs == 1 and not stages[0].selectable
+    source = Classifier(nn.Flatten(), 3, 2)
+    reused = method_with(BaseRun("somewhere/erm/seed0", lambda: {"model": source.state_dict()}))
+    assert [s.epochs for s in reused.stages()] == [0, 1]
+    reused.begin_stage(REFIT, DeviceData(dataset, torch.device("cpu"), False), resuming=False)
+    for key, value in source.state_dict().items():
+        assert torch.equal(reused.model.state_dict()[key], value)

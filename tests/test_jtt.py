@@ -14,11 +14,12 @@ from helpers import run_seed0, write_custom_dataset
 from torch import nn
 
 from bench import runner, trainer
-from bench.backbones import build_backbone
-from bench.metrics import GroupStructure
-from bench.records import RunDir
-from bench.trainer import Progress, TrainData
-from datasets.base import InMemoryImages, SpuriousDataset, make_split
+from bench.core.backbones import build_backbone
+from bench.core.dataset import InMemoryImages, SpuriousDataset, make_split
+from bench.core.device_data import DeviceData
+from bench.core.metrics import GroupStructure
+from bench.core.records import RunDir
+from bench.trainer import Progress
 from methods.base import Batch, MethodContext, resolve_hparams, sample_hparams
 from methods.jtt import JTT, error_set_from_predictions, upsampled_indices
 
@@ -74,7 +75,7 @@ class LookupModel(nn.Module):
         self.unused = nn.Parameter(torch.zeros(2))  # something for the optimiser; lr 0 keeps the table fixed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        index = torch.round((x[:, 0, 0, 0] * 0.5 + 0.5) * 255).long()  # undo TrainData's (p/255 - 0.5)/0.5
+        index = torch.round((x[:, 0, 0, 0] * 0.5 + 0.5) * 255).long()  # undo DeviceData's (p/255 - 0.5)/0.5
         logits = nn.functional.one_hot(self.table[index % len(self.table)], 2).float() * 5.0
         return logits + self.unused
 
@@ -98,7 +99,7 @@ def test_error_set_and_upsampling_for_a_model_with_known_predictions(tmp_path: P
                       error_set_pass=error_set_pass)
     assert [(s.name, s.epochs, s.selectable) for s in method.stages()] == [
         ("identify", 2 if error_set_pass == "eval" else 3, False), ("final", 1, True)]
-    data = TrainData(dataset, torch.device("cpu"), train_groups_allowed=False)
+    data = DeviceData(dataset, torch.device("cpu"), train_groups_allowed=False)
     trainer.train(method, data, RunDir(tmp_path / "run"), 0, GroupStructure.from_info(dataset.info()),
                   Progress(quiet=True))
 
@@ -127,7 +128,7 @@ def test_stage_two_starts_from_a_fresh_model_and_optimiser() -> None:
 
     method = make_jtt(make_model, dataset, lr=0.5, id_epochs=1, epochs=1)
     identify, final = method.stages()
-    data = TrainData(dataset, torch.device("cpu"), train_groups_allowed=False)
+    data = DeviceData(dataset, torch.device("cpu"), train_groups_allowed=False)
     method.begin_stage(identify, data, resuming=False)
     x = data.images("train", torch.arange(N_TRAIN), train=True)
     for _ in range(3):
@@ -156,14 +157,14 @@ def run_jtt(data_root: Path, out: Path, interrupt_after: int | None, error_set_p
     identifications: list[int] = []
     real_identify = JTT._identify_errors
 
-    def counting_identify(self: JTT, data: TrainData) -> torch.Tensor:
+    def counting_identify(self: JTT, data: DeviceData) -> torch.Tensor:
         identifications.append(1)
         return real_identify(self, data)
 
     monkeypatch.setattr(JTT, "_identify_errors", counting_identify)
     request = runner.RunRequest(
         method="jtt", dataset="custom", data_root=str(data_root), out=str(out), epochs=2, backbone="small-cnn",
-        hparams=["pretrained=false", "batch_size=8", "lr=0.05", "id_epochs=2", "upweight=3",
+        hparam_overrides=["pretrained=false", "batch_size=8", "lr=0.05", "id_epochs=2", "upweight=3",
                  f"error_set_pass={error_set_pass}"], device="cpu")
     run_dir, trained = run_seed0(request, monkeypatch, interrupt_after)
     return run_dir, trained, len(identifications)

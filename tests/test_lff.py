@@ -10,11 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.backbones import build_backbone
-from bench.metrics import GroupStructure
-from bench.records import RunDir
-from bench.trainer import Progress, TrainData, seed_everything, train
-from datasets.base import InMemoryImages, SpuriousDataset, make_split
+from bench.core.backbones import build_backbone
+from bench.core.dataset import InMemoryImages, SpuriousDataset, make_split
+from bench.core.device_data import DeviceData
+from bench.core.metrics import GroupStructure
+from bench.core.records import RunDir
+from bench.trainer import Progress, seed_everything, train
 from methods import get_method
 from methods.base import Batch, MethodContext, resolve_hparams, sample_hparams
 from methods.lff import LfF, PerExampleLossEMA, generalized_cross_entropy, relative_difficulty
@@ -111,7 +112,7 @@ def tiny_dataset(n_per_group: int = 6, size: int = 8, seed: int = 0) -> Spurious
     )
 
 
-def make_lff(dataset: SpuriousDataset, overrides: dict | None = None, seed: int = 0) -> tuple[LfF, TrainData]:
+def make_lff(dataset: SpuriousDataset, overrides: dict | None = None, seed: int = 0) -> tuple[LfF, DeviceData]:
     defaults = {"backbone": "small-cnn", "optimizer": "adam", "lr": 1e-3, "batch_size": 8, "epochs": 2}
     hparams = resolve_hparams(LfF, dataset.name, defaults, overrides or {})
     seed_everything(seed)
@@ -119,17 +120,17 @@ def make_lff(dataset: SpuriousDataset, overrides: dict | None = None, seed: int 
         hparams=hparams, dataset_info=dataset.info(), device=torch.device("cpu"),
         make_model=lambda: build_backbone("small-cnn", dataset.n_classes), seed=seed,
     )
-    return LfF(context), TrainData(dataset, torch.device("cpu"), LfF.uses_train_group_labels)
+    return LfF(context), DeviceData(dataset, torch.device("cpu"), LfF.uses_train_group_labels(hparams))
 
 
-def batch_of(data: TrainData, index: list[int]) -> Batch:
+def batch_of(data: DeviceData, index: list[int]) -> Batch:
     chunk = torch.tensor(index)
     return Batch(x=data.images("train", chunk, train=True), y=data.labels("train")[chunk], index=chunk)
 
 
 def test_lff_declarations():
     assert get_method("lff") is LfF
-    assert LfF.primary == "debiased" and LfF.uses_train_group_labels is False
+    assert LfF.primary == "debiased" and LfF.uses_train_group_labels({}) is False
     method, _ = make_lff(tiny_dataset())
     assert set(method.predictors()) == {"debiased", "biased"}
     assert method.hp["q"] == 0.7 and method.hp["ema_alpha"] == 0.7 and method.hp["freeze_backbone"] is False

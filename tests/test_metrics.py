@@ -6,8 +6,8 @@ import warnings
 import numpy as np
 import pytest
 
-from bench import metrics
-from bench.metrics import GroupStructure
+from bench.core import metrics
+from bench.core.metrics import GroupStructure
 
 # Waterbirds-like: 2 classes x 2 places, Waterbirds' training counts.
 WATERBIRDS = GroupStructure(n_classes=2, attr_cardinalities=(2,), train_group_counts=(3498, 184, 56, 1057),
@@ -78,7 +78,7 @@ def test_urbancars_metrics_by_hand():
 
 def test_summarize_names_every_average_and_adds_urbancars_metrics():
     structure = GroupStructure(n_classes=2, attr_cardinalities=(2, 2), train_group_counts=(1,) * 8,
-                               average_kind="urbancars_id", is_urbancars=True)
+                               average_kind="urbancars_id", extra_metrics=("urbancars",))
     summary = metrics.summarize([1] * 8, [2] * 8, structure)
     assert summary["average_kind"] == "urbancars_id"
     assert summary["average_accuracy"] == summary["id_acc"] == pytest.approx(0.5)
@@ -107,7 +107,7 @@ def test_all_empty_split_is_an_error():
 
 
 def test_average_kind_labels_cover_all_kinds():
-    from datasets.base import AVERAGE_KINDS
+    from bench.core.dataset import AVERAGE_KINDS
 
     assert set(metrics.AVERAGE_LABELS) == set(AVERAGE_KINDS)
     assert np.isfinite(metrics.average_accuracy([1, 1, 1, 1], [2, 2, 2, 2],
@@ -123,7 +123,8 @@ BATCH_STRUCTURES = {
     # 3 classes x 4 attribute values (12 groups: numpy sums 8 or more values pairwise, not one by one);
     # the last group has no training example (left out of the weighting).
     "group_mean": GroupStructure(3, (4,), (30, 3, 3, 3, 3, 30, 3, 3, 3, 3, 30, 0), "group_mean"),
-    "urbancars_id": GroupStructure(2, (2, 2), (361, 19, 19, 1, 1, 19, 19, 361), "urbancars_id", is_urbancars=True),
+    "urbancars_id": GroupStructure(2, (2, 2), (361, 19, 19, 1, 1, 19, 19, 361), "urbancars_id",
+                                   extra_metrics=("urbancars",)),
 }
 
 # Each takes (correct, total, structure); reductions give [...] (a float for one split), the others [..., K].
@@ -155,7 +156,7 @@ def test_a_batch_gives_what_separate_calls_give(kind: str) -> None:
     structure = BATCH_STRUCTURES[kind]
     correct, total = three_splits(structure.n_groups, seed=len(kind))
     functions = dict(BATCH_FUNCTIONS)
-    if structure.is_urbancars:
+    if structure.extra_metrics:
         for key in ("id_acc", "bg_gap", "coobj_gap", "bg_coobj_gap"):
             functions[key] = lambda c, t, s, key=key: metrics.urbancars_metrics(c, t)[key]
     for name, function in functions.items():

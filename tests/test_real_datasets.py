@@ -19,9 +19,9 @@ import torch
 from PIL import Image
 
 from bench.cli import main
-from bench.errors import BenchError, ConfigError
+from bench.core.dataset import FileImages
+from bench.core.errors import BenchError, ConfigError
 from datasets import get_dataset, load_dataset, resolve_data_root
-from datasets.base import FileImages
 
 DATA = Path(__file__).parent / "data"
 REAL_WATERBIRDS_METADATA = DATA / "waterbirds_metadata.csv.gz"

@@ -12,8 +12,8 @@ import pytest
 import torch
 from helpers import write_custom_dataset
 
-from bench import records
-from bench.records import RunDir
+from bench.core import records
+from bench.core.records import RunDir
 
 BENCH = [sys.executable, "-m", "bench.cli"]
 

@@ -23,22 +23,15 @@ import pytest
 from PIL import Image
 
 from bench.cli import main
-from bench.errors import ConfigError
-from bench.metrics import GroupStructure, summarize
-from bench.records import CONFIG, FAILED, FINAL, METRICS
-from bench.report import (
-    EPOCH_SCORE,
-    aggregate,
-    load_results,
-    select_evaluations,
-    to_csv,
-    to_html,
-    to_latex,
-    to_markdown,
-    welch_p_value,
-    write_report,
-)
-from bench.selection import RULE_SPLITS, RULES, best_per_group, rule_scores, select
+from bench.core.errors import ConfigError
+from bench.core.metrics import GroupStructure, summarize
+from bench.core.records import CONFIG_FILE, FAILED_FILE, FINAL_FILE, METRICS_FILE
+from bench.core.selection import RULE_SPLITS, RULES, best_per_group, rule_scores, select
+from bench.display import display_path
+from bench.report.aggregate import aggregate, select_evaluations, welch_p_value
+from bench.report.evaluations import EPOCH_SCORE
+from bench.report.load import load_results
+from bench.report.render import to_csv, to_html, to_latex, to_markdown, write_report
 
 GOLDEN = Path(__file__).parent / "golden" / "report"
 UPDATE_GOLDEN = os.environ.get("BENCH_UPDATE_GOLDEN") == "1"
@@ -99,12 +92,12 @@ def write_run(root: Path, info: dict[str, Any], method: str, config_hash: str, s
         "config_hash": config_hash, "dataset_info": info, "primary": primary,
         "hparams": hparams or {"lr": 0.001, "epochs": len(evaluations)},
     }
-    (folder / CONFIG).write_text(json.dumps(config, indent=2))
-    (folder / METRICS).write_text("".join(json.dumps(e) + "\n" for e in evaluations))
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    (folder / METRICS_FILE).write_text("".join(json.dumps(e) + "\n" for e in evaluations))
     if state == "done":
-        (folder / FINAL).write_text(json.dumps({"status": "done", "n_evaluations": len(evaluations)}))
+        (folder / FINAL_FILE).write_text(json.dumps({"status": "done", "n_evaluations": len(evaluations)}))
     elif state == "failed":
-        (folder / FAILED).write_text(json.dumps({"status": "failed", "error_type": "NonFiniteLossError",
+        (folder / FAILED_FILE).write_text(json.dumps({"status": "failed", "error_type": "NonFiniteLossError",
                                                  "reason": "loss = nan"}))
     return folder
 
@@ -214,7 +207,7 @@ def check_golden(name: str, text: str) -> None:
 
 def test_report_starts_without_torch() -> None:
     # `bench report` must not pay torch's import (seconds, hundreds of MB) to read JSON files.
-    code = "import sys, bench.cli, bench.report, bench.plots; sys.exit('torch' in sys.modules)"
+    code = "import sys, bench.cli, bench.report.cli, bench.report.plots; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
 
 
@@ -283,7 +276,8 @@ def test_primary_only_drops_secondary_rows(results_root: Path) -> None:
 
 
 def _normalised(text: str, root: Path) -> str:
-    return text.replace(str(root), "RESULTS")
+    # The report names its results folder relative to the working directory.
+    return text.replace(display_path(root), "RESULTS")
 
 
 @pytest.mark.parametrize("name,render", [("leaderboard.md", to_markdown), ("leaderboard.tex", to_latex),
@@ -364,7 +358,7 @@ def _random_counts(rng: np.random.Generator, n_groups: int) -> dict[str, list[in
 
 def test_evaluation_table_and_selection_follow_the_records(tmp_path: Path) -> None:
     """Every row of the evaluation table holds the metrics of its own record (run, line, predictor,
-    split), and each rule picks, per (run, predictor), the line :func:`bench.selection.select` picks
+    split), and each rule picks, per (run, predictor), the line :func:`bench.core.selection.select` picks
     from that run's records: the loader's stacking of all runs' counts and the grouped pick lose no
     row and mix up none. Computed the slow way: one core call per record, one select() per run."""
     rng = np.random.default_rng(0)
@@ -450,7 +444,7 @@ def test_a_split_without_examples_has_no_metrics_and_is_not_picked(tmp_path: Pat
     assert table.loc[1, "test_worst_group"] == pytest.approx(0.7)
     for rule, position in (("val-worst-group", 0), ("val-avg", 0), ("last", 2), ("oracle-test", 2)):
         assert list(select_evaluations(results.evaluations, rule)["position"]) == [position], rule
-    # bench.selection refuses to score a split without examples; the report leaves it out instead.
+    # bench.core.selection refuses to score a split without examples; the report leaves it out instead.
     with pytest.raises(ValueError, match="no group has any example"):
         select(lines, "model", GroupStructure.from_info(BIRDS_INFO), "val-worst-group")
 
@@ -467,23 +461,23 @@ def test_corrupted_records_are_reported_and_skipped(tmp_path: Path) -> None:
         return write_run(tmp_path, BIRDS_INFO, "erm", "bad0000000", seed, evaluations or good, **kwargs)
 
     folder = damaged(0)  # truncated config.json
-    (folder / CONFIG).write_text((folder / CONFIG).read_text()[:100])
+    (folder / CONFIG_FILE).write_text((folder / CONFIG_FILE).read_text()[:100])
     folder = damaged(1, good * 3)  # torn last line of metrics.jsonl
-    text = (folder / METRICS).read_text()
-    (folder / METRICS).write_text(text[: len(text) - 40])
+    text = (folder / METRICS_FILE).read_text()
+    (folder / METRICS_FILE).write_text(text[: len(text) - 40])
     damaged(2, [{k: v for k, v in good[0].items() if k != "eval"}])  # a line without "eval"
     folder = damaged(3)  # config.json without "primary"
-    config = json.loads((folder / CONFIG).read_text())
+    config = json.loads((folder / CONFIG_FILE).read_text())
     del config["primary"]
-    (folder / CONFIG).write_text(json.dumps(config))
+    (folder / CONFIG_FILE).write_text(json.dumps(config))
     damaged(4, [evaluation("train", 1, model([5] * 3, [6] * 3))])  # 3 counts for 4 groups
     damaged(5, [evaluation("train", 1, model([11, 5, 5, 5], [6] * 4))])  # correct > total
     folder = damaged(6)  # truncated final.json
-    (folder / FINAL).write_text('{"status": "do')
+    (folder / FINAL_FILE).write_text('{"status": "do')
     damaged(7, primary="teacher")  # the primary predictor was never evaluated
     folder = damaged(8, good * 2)  # a damaged line in the middle
-    lines = (folder / METRICS).read_text().split("\n")
-    (folder / METRICS).write_text(lines[0][:30] + "\n" + lines[1] + "\n")
+    lines = (folder / METRICS_FILE).read_text().split("\n")
+    (folder / METRICS_FILE).write_text(lines[0][:30] + "\n" + lines[1] + "\n")
 
     results = load_results(tmp_path)
     reasons = {int(Path(i.path).name.removeprefix("seed")): i.reason for i in results.issues

@@ -5,7 +5,7 @@ these tests are skipped with the script's reason; with CI=true they fail instead
 them. BENCH_SLURM_TESTS=0 opts out explicitly (also a failure under CI=true).
 
 Every run is tiny (the custom test dataset, a small CNN, 2-4 epochs); jobs run the project's code from
-this venv (submitit pickles bench.sweep.RunJob and starts it with this Python).
+this venv (submitit pickles bench.sweep.jobs.RunJob and starts it with this Python).
 """
 
 from __future__ import annotations
@@ -21,8 +21,10 @@ import submitit
 from helpers import write_custom_dataset
 
 from bench.cli import main
-from bench.records import RunDir
-from bench.sweep import SUBMITTED, slurm_job_states, status_reports
+from bench.core.records import RunDir
+from bench.run_lock import slurm_job_states
+from bench.sweep.state import SUBMITTED
+from bench.sweep.status import status_reports
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "local-slurm.sh"

@@ -18,25 +18,19 @@ import pytest
 import torch
 from helpers import write_custom_dataset
 
-from bench import records, sweep
 from bench.cli import main
-from bench.errors import ConfigError
-from bench.records import RunDir
+from bench.core import records
+from bench.core.errors import ConfigError, DataError
+from bench.core.records import RunDir
+from bench.run_lock import RUNNING, STALE_AFTER_SECONDS, RunLock, process_start
 from bench.runner import RunRequest, run_identity
-from bench.sweep import (
-    DONE,
-    FAILED,
-    INTERRUPTED,
-    NOT_LAUNCHED,
-    PENDING,
-    RUNNING_STATE,
-    RunLock,
-    SweepSpec,
-    build_settings,
-    classify,
-    parse_slurm_time,
-    plan,
-)
+from bench.sweep import cli as sweep_cli
+from bench.sweep import state as sweep_state
+from bench.sweep.jobs import run_task, task_for
+from bench.sweep.plan import best_draws, plan, search_plan
+from bench.sweep.settings import SweepSpec, build_settings, load_sweep_file, parse_slurm_time
+from bench.sweep.state import SUBMITTED, RunState, classify, classify_runs
+from bench.sweep.status import format_report, sweep_report
 
 TINY = ["--hparams", "backbone=small-cnn", "pretrained=false", "batch_size=16", "--epochs", "2"]
 
@@ -89,7 +83,7 @@ def test_sweep_file_yaml_and_toml_give_the_flags_settings(tmp_path):
         'launcher = "slurm"\n[slurm]\npartition = "gpu"\nmem = "32G"\ntime = "12:00:00"\n'
         'sbatch_args = ["reservation=r1", "exclusive"]\n')
     for name in ("s.yaml", "s.toml"):
-        assert build_settings(sweep.load_sweep_file(tmp_path / name)) == flags
+        assert build_settings(load_sweep_file(tmp_path / name)) == flags
     assert flags[1].timeout_min == 720
     assert dict(flags[1].sbatch_args) == {"reservation": "r1", "exclusive": True}
 
@@ -98,9 +92,9 @@ def test_flags_override_the_sweep_file(tmp_path):
     (tmp_path / "s.yaml").write_text("methods: erm\ndatasets: custom\nseeds: 5\nout: from-file\n")
     parser = __import__("bench.cli", fromlist=["build_parser"]).build_parser()
     subparsers = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
-    sweep.register({"top": subparsers})
+    sweep_cli.register({"top": subparsers})
     args = parser.parse_args(["sweep", str(tmp_path / "s.yaml"), "--seeds", "2"])
-    spec, _ = sweep.settings_from_args(args)
+    spec, _ = sweep_cli.settings_from_args(args)
     assert (spec.seeds, spec.out, spec.methods) == (2, "from-file", ("erm",))
 
 
@@ -116,7 +110,7 @@ def test_flags_override_the_sweep_file(tmp_path):
 def test_bad_sweep_files_are_config_errors(tmp_path, content, expected):
     (tmp_path / "s.yaml").write_text(content)
     with pytest.raises(ConfigError, match=expected.replace("[", r"\[").replace("(", r"\(")):
-        build_settings(sweep.load_sweep_file(tmp_path / "s.yaml"))
+        build_settings(load_sweep_file(tmp_path / "s.yaml"))
 
 
 # -- planning ---------------------------------------------------------------------------------------
@@ -136,7 +130,7 @@ def test_plan_is_deterministic_and_shares_each_draw_across_seeds(data, tmp_path)
     assert len(set.union(*folders_of_draw.values())) == 4
     # draw 0 is the method's defaults: the folder `bench run` uses for the same flags
     request = RunRequest(method="erm", dataset="custom", epochs=2, data_root=str(data),
-                         hparams=["backbone=small-cnn", "pretrained=false", "batch_size=16"])
+                         hparam_overrides=["backbone=small-cnn", "pretrained=false", "batch_size=16"])
     plain = RunDir.for_run(str((tmp_path / "out").resolve()), "custom", "erm", run_identity(request), 0)
     assert runs[0].draw == 0 and runs[0].run_dir.path == plain.path
 
@@ -160,7 +154,7 @@ def test_sweep_id_depends_on_what_runs_not_on_how(data, tmp_path):
 def test_plan_checks_the_data_and_hparams_before_anything_runs(data, tmp_path):
     with pytest.raises(ConfigError, match="unknown hparam"):
         plan(_spec(data, tmp_path, hparams=["learning_rate=1"]))
-    with pytest.raises(sweep.DataError, match="not under"):
+    with pytest.raises(DataError, match="not under"):
         plan(_spec(tmp_path / "missing", tmp_path))
     with pytest.raises(ConfigError, match="unknown method"):
         plan(_spec(data, tmp_path, methods="nope"))
@@ -192,12 +186,12 @@ def test_run_lock_excludes_a_second_holder_and_releases(tmp_path):
     run_dir.path.mkdir()
     first, second = RunLock(run_dir), RunLock(run_dir)
     assert first.acquire() is None
-    held = json.loads((run_dir.path / sweep.RUNNING).read_text())
+    held = json.loads((run_dir.path / RUNNING).read_text())
     assert held["pid"] == os.getpid() and held["host"] == socket.gethostname()
     holder = second.acquire()
     assert holder is not None and holder["token"] == first.token
     first.release()
-    assert not (run_dir.path / sweep.RUNNING).exists()
+    assert not (run_dir.path / RUNNING).exists()
     assert second.acquire() is None
     second.release()
 
@@ -206,36 +200,37 @@ def test_a_stale_lock_is_taken_over(tmp_path):
     run_dir = RunDir(tmp_path / "run")
     run_dir.path.mkdir()
     dead = _dead_pid()
-    records.atomic_write_json(run_dir.path / sweep.RUNNING, {"host": socket.gethostname(), "pid": dead,
-                                                             "heartbeat": time.time(), "token": "old"})
-    assert classify(run_dir, None, json.loads((run_dir.path / sweep.RUNNING).read_text()), {}).state == INTERRUPTED
+    records.atomic_write_json(run_dir.path / RUNNING, {"host": socket.gethostname(), "pid": dead,
+                                                       "heartbeat": time.time(), "token": "old"})
+    assert classify(run_dir, None, json.loads((run_dir.path / RUNNING).read_text()), {}).state == RunState.INTERRUPTED
     lock = RunLock(run_dir)
     assert lock.acquire() is None
-    assert json.loads((run_dir.path / sweep.RUNNING).read_text())["took_over"]["pid"] == dead
+    assert json.loads((run_dir.path / RUNNING).read_text())["took_over"]["pid"] == dead
     lock.release()
 
 
 def test_heartbeat_decides_for_a_holder_on_another_host(tmp_path):
     run_dir = RunDir(tmp_path / "run")
     fresh = {"host": "elsewhere", "pid": 1, "heartbeat": time.time()}
-    assert classify(run_dir, None, fresh, {}).state == RUNNING_STATE
-    old = {**fresh, "heartbeat": time.time() - 2 * sweep.STALE_AFTER_SECONDS}
-    assert classify(run_dir, None, old, {}).state == INTERRUPTED
+    assert classify(run_dir, None, fresh, {}).state == RunState.RUNNING
+    old = {**fresh, "heartbeat": time.time() - 2 * STALE_AFTER_SECONDS}
+    assert classify(run_dir, None, old, {}).state == RunState.INTERRUPTED
     on_slurm = {**fresh, "slurm_job_id": "7_1"}
-    assert classify(run_dir, None, on_slurm, {"7_1": "RUNNING"}).state == RUNNING_STATE
-    assert classify(run_dir, None, on_slurm, {"7_1": "PENDING"}).state == INTERRUPTED  # requeued: not running
+    assert classify(run_dir, None, on_slurm, {"7_1": "RUNNING"}).state == RunState.RUNNING
+    assert classify(run_dir, None, on_slurm, {"7_1": "PENDING"}).state == RunState.INTERRUPTED  # requeued: not running
 
 
-@pytest.mark.parametrize("job_state,expected", [("PENDING", PENDING), ("REQUEUED", PENDING), ("RUNNING", RUNNING_STATE),
-                                                ("OUT_OF_MEMORY", FAILED), ("TIMEOUT", FAILED),
-                                                ("CANCELLED", INTERRUPTED), ("COMPLETED", INTERRUPTED),
-                                                (None, INTERRUPTED)])
+@pytest.mark.parametrize("job_state,expected", [("PENDING", RunState.PENDING), ("REQUEUED", RunState.PENDING),
+                                                ("RUNNING", RunState.RUNNING),
+                                                ("OUT_OF_MEMORY", RunState.FAILED), ("TIMEOUT", RunState.FAILED),
+                                                ("CANCELLED", RunState.INTERRUPTED),
+                                                ("COMPLETED", RunState.INTERRUPTED), (None, RunState.INTERRUPTED)])
 def test_state_of_a_submitted_run_follows_its_slurm_job(tmp_path, job_state, expected):
     run_dir = RunDir(tmp_path / "run")
     submitted = {"launcher": "slurm", "job_id": "12_3"}
     status = classify(run_dir, submitted, None, {"12_3": job_state} if job_state else {})
     assert status.state == expected and status.job_id == "12_3"
-    if expected == FAILED:
+    if expected == RunState.FAILED:
         assert job_state in status.detail
 
 
@@ -244,19 +239,19 @@ def test_files_in_the_run_folder_win_over_job_states(tmp_path):
     run_dir.path.mkdir()
     submitted = {"launcher": "slurm", "job_id": "5"}
     records.atomic_write_json(run_dir.failed, {"error_type": "NonFiniteLossError", "reason": "loss = nan"})
-    assert classify(run_dir, submitted, None, {"5": "RUNNING"}).state == FAILED
+    assert classify(run_dir, submitted, None, {"5": "RUNNING"}).state == RunState.FAILED
     records.atomic_write_json(run_dir.final, {"status": "done"})
-    assert classify(run_dir, submitted, None, {"5": "RUNNING"}).state == DONE
-    assert classify(RunDir(tmp_path / "other"), None, None, {}).state == NOT_LAUNCHED
+    assert classify(run_dir, submitted, None, {"5": "RUNNING"}).state == RunState.DONE
+    assert classify(RunDir(tmp_path / "other"), None, None, {}).state == RunState.NOT_LAUNCHED
 
 
 def test_a_local_job_is_pending_while_its_process_lives(tmp_path):
     run_dir = RunDir(tmp_path / "run")
     alive = {"launcher": "local-parallel", "job_id": str(os.getpid()), "host": socket.gethostname(),
-             "pid": os.getpid(), "pid_start": sweep._process_start(os.getpid())}
-    assert classify(run_dir, alive, None, {}).state == PENDING
+             "pid": os.getpid(), "pid_start": process_start(os.getpid())}
+    assert classify(run_dir, alive, None, {}).state == RunState.PENDING
     dead = {**alive, "pid": _dead_pid(), "pid_start": None}
-    assert classify(run_dir, dead, None, {}).state == INTERRUPTED
+    assert classify(run_dir, dead, None, {}).state == RunState.INTERRUPTED
 
 
 def test_a_running_run_is_not_launched_twice(data, tmp_path, capsys):
@@ -271,7 +266,7 @@ def test_a_running_run_is_not_launched_twice(data, tmp_path, capsys):
         printed = capsys.readouterr().out
         assert "1 running" in printed and "would launch 1 runs" in printed and "seed 1" in printed
         # a job started anyway (e.g. by a concurrent sweep) sees the lock and does not train
-        result = sweep.run_task(sweep._task(runs[0], None))
+        result = run_task(task_for(runs[0], None))
         assert result["status"] == "skipped" and "already running" in result["reason"]
         assert not runs[0].run_dir.config.exists()
     finally:
@@ -294,7 +289,7 @@ def _fake_finished_run(run_dir: RunDir, val_correct: list[int]) -> None:
 
 def test_stage_seeds_runs_the_draw_with_the_best_mean_search_score(data, tmp_path):
     spec = _spec(data, tmp_path / "out", stage="seeds", n_hparams=3, search_seeds=2, seeds=4)
-    search = sweep.search_plan(spec)
+    search = search_plan(spec)
     assert len(search) == 6
     with pytest.raises(ConfigError, match="needs the search stage finished"):
         plan(spec)
@@ -303,26 +298,26 @@ def test_stage_seeds_runs_the_draw_with_the_best_mean_search_score(data, tmp_pat
                   (2, 0): [7, 7, 7, 7], (2, 1): [7, 7, 7, 7]}  # worst group 0.7, average 0.7
     for run in search:
         _fake_finished_run(run.run_dir, val_counts[(run.draw, run.seed)])
-    assert sweep.best_draws(spec)[("erm", "custom")] == (2, pytest.approx(0.7))
+    assert best_draws(spec)[("erm", "custom")] == (2, pytest.approx(0.7))
     seeds = plan(spec)
     assert [(r.draw, r.seed) for r in seeds] == [(2, 0), (2, 1), (2, 2), (2, 3)]
     # seeds 0 and 1 of the best draw are its search runs: already done, not run again
     assert [r.run_dir.path for r in seeds[:2]] == [r.run_dir.path for r in search if r.draw == 2]
-    assert sweep.classify_runs(seeds)[0].state == DONE
+    assert classify_runs(seeds)[0].state == RunState.DONE
     by_average = replace(spec, select="val-avg")
-    assert sweep.best_draws(by_average)[("erm", "custom")] == (1, pytest.approx(0.9))
+    assert best_draws(by_average)[("erm", "custom")] == (1, pytest.approx(0.9))
 
 
 def test_failed_search_runs_are_left_out_of_the_selection(data, tmp_path):
     spec = _spec(data, tmp_path / "out", stage="seeds", n_hparams=2)
-    first, second = sweep.search_plan(spec)
+    first, second = search_plan(spec)
     _fake_finished_run(first.run_dir, [10, 2, 10, 10])
     records.atomic_write_json(second.run_dir.failed, {"error_type": "NonFiniteLossError", "reason": "nan"})
-    assert sweep.best_draws(spec)[("erm", "custom")][0] == 0
+    assert best_draws(spec)[("erm", "custom")][0] == 0
     records.atomic_write_json(first.run_dir.failed, {"error_type": "NonFiniteLossError", "reason": "nan"})
     first.run_dir.final.unlink()
     with pytest.raises(ConfigError, match="every search run of erm on custom failed"):
-        sweep.best_draws(spec)
+        best_draws(spec)
 
 
 # -- launching --------------------------------------------------------------------------------------
@@ -378,7 +373,7 @@ def test_a_killed_local_run_resumes_from_its_checkpoint(tmp_path, capsys, one_th
         process.wait()
     run_dir = RunDir(next(killed.glob("custom/erm/*/seed0")))
     assert not run_dir.is_done(), "the run finished before it could be killed; make it longer"
-    assert (run_dir.path / sweep.RUNNING).exists()  # left behind by the kill: a stale lock
+    assert (run_dir.path / RUNNING).exists()  # left behind by the kill: a stale lock
     assert main(["status", str(killed)]) == 0
     assert "interrupted 1" in capsys.readouterr().out
     assert main([*common, "--out", str(killed)]) == 0
@@ -403,10 +398,10 @@ def test_local_parallel_launcher_runs_jobs_through_submitit(data, tmp_path, caps
     runs = sorted(out.glob("custom/erm/*/seed*"))
     assert len(runs) == 2 and all((r / "final.json").exists() for r in runs)
     for run in runs:
-        submitted = json.loads((run / sweep.SUBMITTED).read_text())
+        submitted = json.loads((run / SUBMITTED).read_text())
         assert submitted["launcher"] == "local-parallel"
         assert (out / ".submitit" / submitted["sweep_id"] / submitted["job_id"]).is_dir()
-        assert not (run / sweep.RUNNING).exists()
+        assert not (run / RUNNING).exists()
     assert main(args) == 0
     assert "nothing to launch" in capsys.readouterr().out
 
@@ -428,21 +423,21 @@ def test_status_shows_the_log_of_a_job_slurm_killed_without_a_result(data, tmp_p
     logs = tmp_path / "logs"
     (logs / "12_3").mkdir(parents=True)
     (logs / "12_3" / "12_3_0_log.err").write_text("epoch 1\nslurmstepd: error: Detected 1 oom_kill event\n")
-    records.atomic_write_json(run.run_dir.path / sweep.SUBMITTED, {"launcher": "slurm", "job_id": "12_3",
-                                                                   "log_folder": str(logs / "%j")})
-    monkeypatch.setattr(sweep, "slurm_job_states", lambda ids, strict=True: {"12_3": "OUT_OF_MEMORY"})
-    report = sweep.sweep_report("s", tmp_path / "out", [run], lines=1)
-    assert report["counts"][FAILED] == 1 and report["slurm_jobs"] == {"12": {FAILED: 1}}
+    records.atomic_write_json(run.run_dir.path / SUBMITTED, {"launcher": "slurm", "job_id": "12_3",
+                                                             "log_folder": str(logs / "%j")})
+    monkeypatch.setattr(sweep_state, "slurm_job_states", lambda ids, strict=True: {"12_3": "OUT_OF_MEMORY"})
+    report = sweep_report("s", tmp_path / "out", [run], lines=1)
+    assert report["counts"][RunState.FAILED] == 1 and report["slurm_jobs"] == {"12": {RunState.FAILED: 1}}
     failure = report["failed"][0]
     assert failure["error"] == "SLURM job 12_3 ended OUT_OF_MEMORY without a result"
     assert failure["log_tail"] == ["slurmstepd: error: Detected 1 oom_kill event"]
-    assert "log | slurmstepd: error: Detected 1 oom_kill event" in sweep.format_report(report)
+    assert "log | slurmstepd: error: Detected 1 oom_kill event" in format_report(report)
 
 
 def test_deterministic_reaches_every_planned_run_and_leaves_the_sweep_id_alone(data, tmp_path):
     plain, deterministic = _spec(data, tmp_path), _spec(data, tmp_path, deterministic=True)
     assert deterministic.sweep_id == plain.sweep_id
-    assert [run.request.deterministic for run in sweep.plan(deterministic)] == [True]
-    assert [run.request.deterministic for run in sweep.plan(plain)] == [False]
+    assert [run.request.deterministic for run in plan(deterministic)] == [True]
+    assert [run.request.deterministic for run in plan(plain)] == [False]
     with pytest.raises(ConfigError, match="deterministic: expected true or false"):
         _spec(data, tmp_path, deterministic="yes")

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from bench.errors import ConfigError
+from bench.core.dataset import SPLITS, SpuriousDataset
+from bench.core.errors import ConfigError
 from datasets import _synth as synth
 from datasets import dataset_names, get_dataset
-from datasets.base import SPLITS, SpuriousDataset
 
 TWINS = {
     "waterbirds-synth": "datasets.waterbirds_synth",

@@ -11,12 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.backbones import Classifier, build_backbone
-from bench.errors import ConfigError
-from bench.metrics import GroupStructure
-from bench.records import RunDir
-from bench.trainer import Progress, TrainData, train
-from datasets.base import InMemoryImages, SpuriousDataset, make_split
+from bench.core.backbones import Classifier, build_backbone
+from bench.core.dataset import InMemoryImages, SpuriousDataset, make_split
+from bench.core.device_data import DeviceData
+from bench.core.errors import ConfigError
+from bench.core.metrics import GroupStructure
+from bench.core.records import RunDir
+from bench.trainer import Progress, train
 from methods import get_method
 from methods.base import Batch, Method, MethodContext, Stage, resolve_hparams
 from methods.erm import ERM
@@ -260,9 +261,8 @@ def test_warmup_turns_the_penalty_off_for_exactly_k_epochs() -> None:
     erm = ERM(make_context(ERM, small_cnn))
     erm.model.load_state_dict(method.teacher.state_dict())
     data = batches(8)
-    generator = torch.Generator().manual_seed(0)
     for epoch in range(4):
-        method.epoch_indices(STAGE, epoch, 16, generator)
+        method.begin_epoch(STAGE, epoch)
         for batch in data[2 * epoch : 2 * epoch + 2]:
             log = method.update(batch)
             erm.update(batch)
@@ -276,11 +276,10 @@ def test_checkpoint_round_trip_restores_models_optimizers_and_warmup_position() 
     torch.manual_seed(8)
     method = ULE(make_context(ULE, small_cnn, optimizer="adam", warmup_epochs=1))
     data = batches(5)
-    generator = torch.Generator().manual_seed(0)
-    method.epoch_indices(STAGE, 0, 16, generator)
+    method.begin_epoch(STAGE, 0)
     for batch in data[:2]:
         assert "penalty" not in method.update(batch)
-    method.epoch_indices(STAGE, 1, 16, generator)
+    method.begin_epoch(STAGE, 1)
     method.update(data[2])
     buffer = io.BytesIO()
     torch.save(method.state_dict(), buffer)
@@ -296,7 +295,7 @@ def test_checkpoint_round_trip_restores_models_optimizers_and_warmup_position() 
         a, b = getattr(method, name).state_dict()["state"], getattr(restored, name).state_dict()["state"]
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k]["exp_avg_sq"], b[k]["exp_avg_sq"]) for k in a)
-    # Without another epoch_indices call, the restored position alone decides: the penalty is on.
+    # Without another begin_epoch call, the restored position alone decides: the penalty is on.
     for batch in data[3:]:
         assert method.update(batch) == restored.update(batch)
     assert same_parameters(restored.teacher, method.teacher) and same_parameters(restored.student, method.student)
@@ -334,7 +333,7 @@ def test_trainer_records_teacher_and_student_and_resumes_the_warmup(tmp_path) ->
 
     def run(path, interrupt_after: int | None = None) -> ULE:
         method = fresh()
-        data = TrainData(dataset, torch.device("cpu"), train_groups_allowed=False)
+        data = DeviceData(dataset, torch.device("cpu"), train_groups_allowed=False)
         epochs = {"n": 0}
 
         def on_epoch_end() -> None:
@@ -364,10 +363,10 @@ def test_registration_and_bad_hparams() -> None:
 
     assert get_method("ule") is ULE
     # A misspelt dataset name would be ignored silently by resolve_hparams.
-    assert set(ULE.dataset_defaults) <= set(dataset_names())
-    for name in ULE.dataset_defaults:
-        resolve_hparams(ULE, name, {}, ULE.dataset_defaults[name])  # every value is valid
-    assert ULE.primary == "teacher" and ULE.uses_train_group_labels is False
+    assert set(ULE.defaults_per_dataset) <= set(dataset_names())
+    for name in ULE.defaults_per_dataset:
+        resolve_hparams(ULE, name, {}, ULE.defaults_per_dataset[name])  # every value is valid
+    assert ULE.primary == "teacher" and ULE.uses_train_group_labels({}) is False
     with pytest.raises(ConfigError, match="distance"):
         resolve_hparams(ULE, "waterbirds-synth", {}, {"distance": "l1"})
     with pytest.raises(ConfigError, match="penalty_weight"):

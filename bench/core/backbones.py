@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench.errors import ConfigError
+from bench.core.errors import ConfigError
 
 
 class Classifier(nn.Module):

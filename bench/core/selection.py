@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from bench.errors import ConfigError
-from bench.metrics import Counts, GroupStructure, average_accuracy, worst_class_accuracy, worst_group_accuracy
+from bench.core.errors import ConfigError
+from bench.core.metrics import Counts, GroupStructure, average_accuracy, worst_class_accuracy, worst_group_accuracy
 
 DEFAULT_RULE = "val-worst-group"
 
@@ -70,7 +70,7 @@ def check_rule(rule: str) -> None:
 def rule_scores(correct: Counts, total: Counts, structure: GroupStructure, rule: str) -> np.ndarray | float:
     """The score ``rule`` ranks evaluations by, from counts of the split ``RULE_SPLITS[rule]``.
 
-    Vectorised like :mod:`bench.metrics`: counts ``[..., G]`` (e.g. one row per evaluation) give
+    Vectorised like :mod:`bench.core.metrics`: counts ``[..., G]`` (e.g. one row per evaluation) give
     scores ``[...]``, a float for one evaluation. Higher is better; NaN means undefined (see
     :func:`best_per_group`). ValueError for a rule without a score (``last``).
     """

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -28,8 +27,7 @@ from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-if TYPE_CHECKING:
-    from bench.report import Leaderboard
+from bench.report.aggregate import Leaderboard  # noqa: E402
 
 DPI = 150
 EVALUATION_LABEL = "evaluation (one per epoch, all stages in order)"

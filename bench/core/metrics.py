@@ -18,23 +18,22 @@ runs with these same functions, so there is one definition of every metric.
 * ``group_mean``: unweighted mean of the group accuracies ("balanced"/"unbiased" accuracy).
 * ``urbancars_id``: UrbanCars' I.D. Acc (Whac-A-Mole), see :func:`urbancars_metrics`.
 
+Beyond worst-group accuracy and its average, a dataset may declare *metric sets*
+(:data:`METRIC_SETS`, by name in its ``extra_metrics``): UrbanCars declares ``urbancars``, its
+I.D. Acc and three gaps. Everything that reports metrics (``summarize``, ``bench run``'s table,
+``bench report``) renders whatever a dataset declares; this module is the one place that knows what
+each metric set computes.
+
 Groups with no example in the split are left out of worst-group accuracy and of the group mean.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
-AVERAGE_LABELS = {
-    "plain": "average accuracy (plain, over examples)",
-    "train_weighted": "average accuracy (weighted by training group proportions)",
-    "group_mean": "average accuracy (mean over groups)",
-    "urbancars_id": "I.D. Acc (UrbanCars, weighted by training alignment ratios)",
-}
 
 # UrbanCars: both spurious cues are aligned with the object class with this ratio in training.
 URBANCARS_TRAIN_RATIO = 0.95
@@ -45,24 +44,34 @@ Counts = Sequence[float] | Sequence[Sequence[float]] | np.ndarray
 
 @dataclass(frozen=True)
 class GroupStructure:
-    """What the metrics need to know about a dataset's groups (see datasets.base for the id layout)."""
+    """What the metrics need to know about a dataset's groups (see bench.core.dataset for the id layout)."""
 
     n_classes: int
     attr_cardinalities: tuple[int, ...]
     train_group_counts: tuple[int, ...]
     average_kind: str = "plain"
-    is_urbancars: bool = False
+    extra_metrics: tuple[str, ...] = ()  # names of METRIC_SETS
 
     @classmethod
     def from_info(cls, info: dict[str, Any]) -> GroupStructure:
-        """From :meth:`datasets.base.SpuriousDataset.info` (also stored in every run's config.json)."""
+        """From :meth:`bench.core.dataset.SpuriousDataset.info` (also stored in every run's config.json).
+
+        Records written before datasets declared ``extra_metrics`` get the sets their average kind
+        implies (:attr:`Average.metric_sets`)."""
+        kind = info["average_kind"]
+        implied = AVERAGES[kind].metric_sets if kind in AVERAGES else ()
+        declared = tuple(info.get("extra_metrics") or ())
         return cls(
             n_classes=info["n_classes"],
             attr_cardinalities=tuple(len(v) for v in info["attr_value_names"]),
             train_group_counts=tuple(info["group_counts"]["train"]),
-            average_kind=info["average_kind"],
-            is_urbancars=info["average_kind"] == "urbancars_id",
+            average_kind=kind,
+            extra_metrics=tuple(dict.fromkeys(declared + implied)),
         )
+
+    def metric_specs(self) -> list[MetricSpec]:
+        """Every metric of the declared metric sets, in order."""
+        return [spec for name in self.extra_metrics for spec in METRIC_SETS[name].metrics]
 
     @property
     def n_groups(self) -> int:
@@ -209,18 +218,94 @@ def urbancars_metrics(
     }
 
 
+@dataclass(frozen=True)
+class Average:
+    """A kind of "average accuracy": its labels, how it is computed, and the metric sets it implies."""
+
+    label: str
+    short_label: str  # a table column's header
+    compute: Callable[[Counts, Counts, GroupStructure], np.ndarray | float]
+    # Metric sets every dataset with this average reports (declared in the dataset's extra_metrics too).
+    metric_sets: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One declared metric: its key in ``summarize``'s result, its table label, and what is better."""
+
+    key: str
+    label: str
+    better: str = "higher"  # or "closer_to_zero" (a gap)
+
+
+@dataclass(frozen=True)
+class MetricSet:
+    """Metrics a dataset reports beside worst-group accuracy and its average, computed together."""
+
+    title: str  # of the tables that show them
+    metrics: tuple[MetricSpec, ...]
+    compute: Callable[[Counts, Counts], dict[str, np.ndarray | float]]
+    n_groups: int | None  # the group count the set is defined for (None: any)
+    note: str  # one sentence for the tables that show them
+
+
+AVERAGES: dict[str, Average] = {
+    "plain": Average("average accuracy (plain, over examples)", "avg (plain)", lambda c, t, s: plain_accuracy(c, t)),
+    "train_weighted": Average(
+        "average accuracy (weighted by training group proportions)", "avg (train-weighted)",
+        lambda c, t, s: train_weighted_accuracy(c, t, s.train_group_counts),
+    ),
+    "group_mean": Average("average accuracy (mean over groups)", "avg (group-mean)",
+                          lambda c, t, s: group_mean_accuracy(c, t)),
+    "urbancars_id": Average(
+        "I.D. Acc (UrbanCars, weighted by training alignment ratios)", "I.D. Acc",
+        lambda c, t, s: urbancars_metrics(c, t)["id_acc"],
+        metric_sets=("urbancars",),
+    ),
+}
+AVERAGE_LABELS = {kind: average.label for kind, average in AVERAGES.items()}
+
+METRIC_SETS: dict[str, MetricSet] = {
+    "urbancars": MetricSet(
+        title="UrbanCars metrics",
+        metrics=(
+            MetricSpec("id_acc", "I.D. Acc"),
+            MetricSpec("bg_gap", "BG Gap", "closer_to_zero"),
+            MetricSpec("coobj_gap", "CoObj Gap", "closer_to_zero"),
+            MetricSpec("bg_coobj_gap", "BG+CoObj Gap", "closer_to_zero"),
+        ),
+        compute=lambda c, t: urbancars_metrics(c, t),
+        n_groups=8,
+        note="UrbanCars (Whac-A-Mole): I.D. Acc weights the group accuracies by the training alignment ratios "
+             "(0.95); each gap is the accuracy on the cue-conflicting cells minus I.D. Acc, closer to 0 is better.",
+    ),
+}
+
+
+def metric_set_problem(names: Sequence[str], n_groups: int) -> str | None:
+    """Why these metric set names cannot be declared by a dataset of ``n_groups`` groups (None: they can)."""
+    for name in names:
+        if name not in METRIC_SETS:
+            return f"unknown metric set {name!r}; known: {', '.join(METRIC_SETS)}"
+        needed = METRIC_SETS[name].n_groups
+        if needed is not None and needed != n_groups:
+            return f"metric set {name!r} needs {needed} groups, the dataset has {n_groups}"
+    return None
+
+
+def extra_metrics(correct: Counts, total: Counts, structure: GroupStructure) -> dict[str, np.ndarray | float]:
+    """Every metric of the dataset's declared metric sets (``[...]`` arrays or floats, as the inputs)."""
+    values: dict[str, np.ndarray | float] = {}
+    for name in structure.extra_metrics:
+        values.update(METRIC_SETS[name].compute(correct, total))
+    return values
+
+
 def average_accuracy(correct: Counts, total: Counts, structure: GroupStructure) -> np.ndarray | float:
     """The dataset's headline average accuracy, of the kind ``structure.average_kind``."""
-    kind = structure.average_kind
-    if kind == "plain":
-        return plain_accuracy(correct, total)
-    if kind == "train_weighted":
-        return train_weighted_accuracy(correct, total, structure.train_group_counts)
-    if kind == "group_mean":
-        return group_mean_accuracy(correct, total)
-    if kind == "urbancars_id":
-        return urbancars_metrics(correct, total)["id_acc"]
-    raise ValueError(f"unknown average kind {kind!r}")
+    if structure.average_kind not in AVERAGES:
+        raise ValueError(f"unknown average kind {structure.average_kind!r}")
+    return AVERAGES[structure.average_kind].compute(correct, total, structure)
 
 
 def summarize(correct: Counts, total: Counts, structure: GroupStructure) -> dict[str, Any]:
@@ -243,6 +328,5 @@ def summarize(correct: Counts, total: Counts, structure: GroupStructure) -> dict
         "worst_class_accuracy": worst_class_accuracy(correct, total, structure),
         "group_accuracies": shown_accuracies,
     }
-    if structure.is_urbancars:
-        result.update(urbancars_metrics(correct, total))
+    result.update(extra_metrics(correct, total, structure))
     return result

@@ -26,11 +26,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-CONFIG = "config.json"
-METRICS = "metrics.jsonl"
-CHECKPOINT = "checkpoint.pt"
-FINAL = "final.json"
-FAILED = "failed.json"
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_FILE = "checkpoint.pt"
+FINAL_FILE = "final.json"
+FAILED_FILE = "failed.json"
 
 
 def canonical_json(obj: Any) -> str:
@@ -116,11 +116,11 @@ class RunDir:
     def for_run(cls, out: str | Path, dataset: str, method: str, identity: dict[str, Any], seed: int) -> RunDir:
         return cls(Path(out) / dataset / method / config_hash(identity) / f"seed{seed}")
 
-    config = property(lambda self: self.path / CONFIG)
-    metrics = property(lambda self: self.path / METRICS)
-    checkpoint = property(lambda self: self.path / CHECKPOINT)
-    final = property(lambda self: self.path / FINAL)
-    failed = property(lambda self: self.path / FAILED)
+    config = property(lambda self: self.path / CONFIG_FILE)
+    metrics = property(lambda self: self.path / METRICS_FILE)
+    checkpoint = property(lambda self: self.path / CHECKPOINT_FILE)
+    final = property(lambda self: self.path / FINAL_FILE)
+    failed = property(lambda self: self.path / FAILED_FILE)
 
     def is_done(self) -> bool:
         return self.final.exists()

@@ -22,12 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.errors import DataError
+from bench.core.errors import DataError
+from bench.core.metrics import AVERAGES, metric_set_problem
 
 SPLITS = ("train", "val", "test")
 
-# The average a dataset reports as "its" average accuracy, named by kind (see bench.metrics).
-AVERAGE_KINDS = ("plain", "train_weighted", "group_mean", "urbancars_id")
+# The average a dataset reports as "its" average accuracy, named by kind (see bench.core.metrics).
+AVERAGE_KINDS = tuple(AVERAGES)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -116,11 +117,16 @@ class SpuriousDataset:
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # input normalisation
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     description: str = ""
+    # Metric sets (bench.core.metrics.METRIC_SETS) reported beside worst-group accuracy and the average.
+    extra_metrics: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.average_kind not in AVERAGE_KINDS:
             raise ValueError(f"average_kind must be one of {AVERAGE_KINDS}, got {self.average_kind!r}")
+        problem = metric_set_problem(self.extra_metrics, self.n_groups)
+        if problem:
+            raise ValueError(f"extra_metrics: {problem}")
 
     @property
     def n_classes(self) -> int:
@@ -162,6 +168,7 @@ class SpuriousDataset:
             "n_classes": self.n_classes,
             "n_groups": self.n_groups,
             "average_kind": self.average_kind,
+            "extra_metrics": list(self.extra_metrics),
             "group_counts": {split: self.group_counts(split) for split in self.splits},
             "image_shape": list(self.image_shape),
         }

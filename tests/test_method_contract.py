@@ -1,0 +1,102 @@
+"""Every registered method through one contract (tests/method_contract.py), as timm runs every model
+through one: build, step, state round trip, resume, training groups only when declared, valid
+per-dataset defaults. A deliberately broken method must fail it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from method_contract import (
+    check_builds_and_steps,
+    check_resume_equals_uninterrupted,
+    check_state_round_trip,
+    check_training_groups_only_when_declared,
+)
+
+from datasets import dataset_names
+from methods import get_method, method_names
+from methods.base import resolve_hparams
+from methods.erm import ERM
+
+METHODS = method_names()
+
+
+def test_the_registry_holds_the_six_methods_and_dfr_train() -> None:
+    assert METHODS == sorted(["erm", "jtt", "dfr", "dfr-train", "groupdro", "lff", "ule"] + [
+        m for m in METHODS if m not in ("erm", "jtt", "dfr", "dfr-train", "groupdro", "lff", "ule")])
+    assert {"erm", "jtt", "dfr", "dfr-train", "groupdro", "lff", "ule"} <= set(METHODS)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_builds_and_steps(name: str) -> None:
+    check_builds_and_steps(get_method(name))
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_state_round_trip(name: str) -> None:
+    check_state_round_trip(get_method(name))
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_resume_equals_uninterrupted(name: str, tmp_path: Path) -> None:
+    check_resume_equals_uninterrupted(get_method(name), tmp_path)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_training_groups_only_when_declared(name: str, tmp_path: Path) -> None:
+    check_training_groups_only_when_declared(get_method(name), tmp_path)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_per_dataset_defaults_name_real_datasets_and_valid_values(name: str) -> None:
+    cls = get_method(name)
+    known = set(dataset_names())
+    assert set(cls.defaults_per_dataset) <= known, set(cls.defaults_per_dataset) - known
+    assert set(cls.data_options_per_dataset) <= known, set(cls.data_options_per_dataset) - known
+    for dataset in cls.defaults_per_dataset:
+        resolve_hparams(cls, dataset, {})  # every value parses
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_paper_and_primary_are_declared(name: str) -> None:
+    cls = get_method(name)
+    assert cls.paper and cls.name == name and isinstance(cls.primary, str)
+
+
+class ForgetsItsOptimizer(ERM):
+    """ERM whose checkpoint leaves out its optimiser (Adam's moments): a resumed run would differ."""
+
+    name = "erm-broken"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "extra": {}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+
+
+class ReadsTrainingGroups(ERM):
+    """ERM that sneaks a look at the training groups' counts to reweight its loss, declaring nothing."""
+
+    name = "erm-peeks"
+
+    def update(self, batch):  # type: ignore[no-untyped-def]
+        counts = self.context.dataset_info["group_counts"]["train"]
+        for group in self.model.parameters():
+            group.data.mul_(1.0 + 1e-3 * counts[0] / sum(counts))
+            break
+        return super().update(batch)
+
+
+def test_a_method_that_forgets_its_optimizer_fails_the_contract(tmp_path: Path) -> None:
+    with pytest.raises(AssertionError, match="erm-broken"):
+        check_state_round_trip(ForgetsItsOptimizer)
+    with pytest.raises(AssertionError, match="erm-broken"):
+        check_resume_equals_uninterrupted(ForgetsItsOptimizer, tmp_path)
+
+
+def test_a_method_that_uses_training_group_counts_undeclared_fails_the_contract(tmp_path: Path) -> None:
+    with pytest.raises(AssertionError, match="erm-peeks: its training depends on the training group labels"):
+        check_training_groups_only_when_declared(ReadsTrainingGroups, tmp_path)
