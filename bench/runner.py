@@ -132,6 +132,9 @@ def prepare(request: RunRequest) -> PreparedRun:
     identity = run_identity(request)
     hparams = identity["hparams"]
     dataset = load_dataset(request.dataset, request.data_root, request.dataset_options)
+    if get_method(request.method).uses_spurious_masks(hparams) and not dataset.has_spurious_masks:
+        raise ConfigError(f"method {request.method} needs the spurious-region masks that only some synthetic twins "
+                          f"provide (waterbirds-synth, urbancars-synth, spawrious-synth); {request.dataset} has none")
     device = pick_device(request.device)
     weights = Path(identity["weights"]) if identity["weights"] else None
     build_backbone(hparams["backbone"], dataset.n_classes, dataset.image_shape[0], hparams["pretrained"], weights)
@@ -216,6 +219,7 @@ def execute(prepared: PreparedRun, seed: int, quiet: bool = False, force: bool =
     info = dataset.info()
     structure = GroupStructure.from_info(info)
     uses_train_groups = method_cls.uses_train_group_labels(prepared.hparams)
+    uses_masks = method_cls.uses_spurious_masks(prepared.hparams)
     if run_dir.config.exists():  # a resumed run keeps the decision it started with
         base_run = run_dir.read_config().get("base_run")
     else:
@@ -229,6 +233,7 @@ def execute(prepared: PreparedRun, seed: int, quiet: bool = False, force: bool =
         "dataset_info": info,
         "primary": method_cls.primary,
         "uses_train_group_labels": uses_train_groups,
+        "uses_spurious_masks": uses_masks,
         "base_run": base_run,
         "paper": method_cls.paper,
         "device": str(prepared.device),
@@ -268,7 +273,7 @@ def execute(prepared: PreparedRun, seed: int, quiet: bool = False, force: bool =
     progress = Progress(quiet=quiet, label=f"{request.method} {request.dataset} seed{seed}")
     try:
         method = method_cls(context)
-        data = DeviceData(dataset, prepared.device, uses_train_groups, request.workers)
+        data = DeviceData(dataset, prepared.device, uses_train_groups, request.workers, masks_allowed=uses_masks)
         final = train(method, data, run_dir, seed, structure, progress)
     except (NonFiniteLossError, RuntimeError, ValueError, OSError) as error:
         failure = failure_record(error)

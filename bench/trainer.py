@@ -201,6 +201,7 @@ def train(
                             y=data.labels("train")[chunk],
                             index=chunk,
                             group=data.groups("train")[chunk] if data.train_groups_allowed else None,
+                            mask=data.spurious_masks("train", chunk) if data.masks_allowed else None,
                         )
                         step_losses = method.update(batch)
                         for key, value in step_losses.items():

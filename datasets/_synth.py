@@ -492,6 +492,18 @@ def blend(base: np.ndarray, colour: np.ndarray, alpha: np.ndarray) -> np.ndarray
     return base + (colour - base) * alpha[..., None]
 
 
+def spurious_region(alpha: np.ndarray, threshold: float = 0.05) -> np.ndarray:
+    """uint8 ``[n, h, w]`` masks, 1 on the spurious region: every pixel outside the core object's footprint
+    (its alpha above ``threshold``, grown by one pixel to take in its anti-aliased edge and outline)."""
+    footprint = np.pad(alpha > threshold, ((0, 0), (1, 1), (1, 1)))
+    size_h, size_w = alpha.shape[1:]
+    grown = np.zeros(alpha.shape, dtype=bool)
+    for i in range(3):
+        for j in range(3):
+            grown |= footprint[:, i : i + size_h, j : j + size_w]
+    return (~grown).astype(np.uint8)
+
+
 def to_uint8_nchw(images: np.ndarray) -> np.ndarray:
     """Float ``[n, h, w, 3]`` in 0..255 to the uint8 ``[n, 3, h, w]`` the trainer expects."""
     return np.ascontiguousarray(np.clip(np.rint(images), 0, 255).astype(np.uint8).transpose(0, 3, 1, 2))
@@ -528,6 +540,9 @@ class TwinSpec:
     description: str
     background_sources: tuple[str, ...]  # names indexed by the first column of the stored boxes
     extra_metrics: tuple[str, ...] = ()  # metric sets its real counterpart declares
+    # Whether generate_split also returns ``spurious_mask`` (where the spurious cues are a region of the
+    # picture: the background and co-occurring objects, not the core object).
+    has_spurious_masks: bool = False
 
     @property
     def cardinalities(self) -> list[int]:
@@ -535,10 +550,12 @@ class TwinSpec:
 
 
 ARRAY_KINDS = ("pixels", "y", "attrs", "digits", "boxes")
+MASK_KIND = "spurious_mask"
 
 
-def required_keys() -> list[str]:
-    return [f"{split}_{kind}" for split in SPLITS for kind in ARRAY_KINDS]
+def required_keys(spec: TwinSpec) -> list[str]:
+    kinds = ARRAY_KINDS + ((MASK_KIND,) if spec.has_spurious_masks else ())
+    return [f"{split}_{kind}" for split in SPLITS for kind in kinds]
 
 
 def load_twin(
@@ -547,8 +564,8 @@ def load_twin(
     """Load a twin from the cache, generating (and caching) it first when needed.
 
     ``generate_split(split, seed)`` returns that split's ``pixels`` (uint8 NCHW), ``y``, ``attrs``,
-    ``digits`` (MNIST row per example, -1 when none) and ``boxes`` (background crops, see
-    :func:`crop_sources`).
+    ``digits`` (MNIST row per example, -1 when none), ``boxes`` (background crops, see
+    :func:`crop_sources`) and, for a twin with ``has_spurious_masks``, ``spurious_mask``.
     """
     seed = data_seed_from(options)
 
@@ -560,7 +577,7 @@ def load_twin(
         return arrays
 
     path = twin_cache_path(spec.name, seed)
-    arrays = cached_arrays(path, required_keys(), generate)
+    arrays = cached_arrays(path, required_keys(spec), generate)
     try:
         return assemble(spec, arrays, seed)
     except (ValueError, TypeError, RuntimeError):
@@ -583,12 +600,14 @@ def assemble(spec: TwinSpec, arrays: dict[str, np.ndarray], seed: int) -> Spurio
             raise ValueError(f"{spec.name} {split}: labels out of range")
         if attrs.ndim != 2 or (attrs >= np.asarray(spec.cardinalities)).any():
             raise ValueError(f"{spec.name} {split}: attributes out of range")
+        mask = arrays.get(f"{split}_{MASK_KIND}") if spec.has_spurious_masks else None
         splits[split] = make_split(
             split,
             torch.from_numpy(y),
             torch.from_numpy(attrs),
             InMemoryImages(pixels),
             spec.cardinalities,
+            spurious_mask=torch.from_numpy(np.ascontiguousarray(mask)) if mask is not None else None,
         )
     return SpuriousDataset(
         name=spec.name,

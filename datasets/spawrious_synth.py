@@ -32,6 +32,7 @@ from datasets._synth import (
     placed_digits,
     render_backgrounds,
     split_rng,
+    spurious_region,
     to_uint8_nchw,
 )
 
@@ -149,6 +150,7 @@ SPEC = TwinSpec(
         "its own location in 97% of train (3% beach), and on another breed's location in test."
     ),
     background_sources=BACKGROUND_SOURCES,
+    has_spurious_masks=True,
 )
 
 
@@ -188,7 +190,8 @@ def generate_split(split: str, seed: int) -> dict[str, np.ndarray]:
     # Per-picture lighting and white balance: a location's colour alone is then an unreliable cue.
     pictures *= rng.uniform(1.0 - COLOUR_JITTER, 1.0 + COLOUR_JITTER, size=(len(y), 1, 1, 3)).astype(np.float32)
     pictures += NOISE_STD * rng.standard_normal(pictures.shape, dtype=np.float32)
-    return {"pixels": to_uint8_nchw(pictures), "y": y, "attrs": attrs, "digits": rows, "boxes": boxes}
+    return {"pixels": to_uint8_nchw(pictures), "y": y, "attrs": attrs, "digits": rows, "boxes": boxes,
+            "spurious_mask": spurious_region(alpha)}
 
 
 @register_dataset

@@ -31,6 +31,7 @@ from datasets._synth import (
     placed_digits,
     render_backgrounds,
     split_rng,
+    spurious_region,
     to_uint8_nchw,
 )
 
@@ -103,6 +104,7 @@ SPEC = TwinSpec(
         "vs cow, horse, sheep)."
     ),
     background_sources=BACKGROUND_SOURCES,
+    has_spurious_masks=True,
 )
 
 
@@ -243,7 +245,8 @@ def generate_split(split: str, seed: int) -> dict[str, np.ndarray]:
     colours = contrasting_colours(CAR_COLOURS, pictures, alpha, 60.0, 15.0, rng)
     pictures = blend(pictures, colours, alpha)
     pictures += NOISE_STD * rng.standard_normal(pictures.shape, dtype=np.float32)
-    return {"pixels": to_uint8_nchw(pictures), "y": y, "attrs": attrs, "digits": rows, "boxes": boxes}
+    return {"pixels": to_uint8_nchw(pictures), "y": y, "attrs": attrs, "digits": rows, "boxes": boxes,
+            "spurious_mask": spurious_region(alpha)}
 
 
 @register_dataset

@@ -26,6 +26,7 @@ from datasets._synth import (
     placed_digits,
     render_backgrounds,
     split_rng,
+    spurious_region,
     to_uint8_nchw,
 )
 
@@ -87,6 +88,7 @@ SPEC = TwinSpec(
         "95% aligned with the class in train; val and test are balanced over places within each class."
     ),
     background_sources=BACKGROUND_SOURCES,
+    has_spurious_masks=True,
 )
 
 
@@ -102,7 +104,8 @@ def generate_split(split: str, seed: int) -> dict[str, np.ndarray]:
     colours = contrasting_colours(BIRD_COLOURS, backgrounds, alpha, 60.0, 15.0, rng)
     pictures = blend(backgrounds, colours, alpha)
     pictures += NOISE_STD * rng.standard_normal(pictures.shape, dtype=np.float32)
-    return {"pixels": to_uint8_nchw(pictures), "y": y, "attrs": attrs, "digits": rows, "boxes": boxes}
+    return {"pixels": to_uint8_nchw(pictures), "y": y, "attrs": attrs, "digits": rows, "boxes": boxes,
+            "spurious_mask": spurious_region(alpha)}
 
 
 @register_dataset

@@ -148,12 +148,14 @@ class Stage:
 
 @dataclass
 class Batch:
-    """One training batch. ``group`` is None unless the method declares it uses training groups."""
+    """One training batch. ``group`` is None unless the method declares it uses training groups,
+    ``mask`` (``[B, 1, H, W]``, 1 on the spurious region) unless it declares it uses spurious masks."""
 
     x: torch.Tensor
     y: torch.Tensor
     index: torch.Tensor  # positions in the training split (per-example state: LfF, JTT)
     group: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -218,6 +220,11 @@ class Method:
     @classmethod
     def uses_train_group_labels(cls, hparams: Mapping[str, Any]) -> bool:
         """Whether training batches carry group labels (and ``data.groups("train")`` answers)."""
+        return False
+
+    @classmethod
+    def uses_spurious_masks(cls, hparams: Mapping[str, Any]) -> bool:
+        """Whether training batches carry the spurious-region masks (only the twins have them)."""
         return False
 
     def __init__(self, context: MethodContext) -> None:

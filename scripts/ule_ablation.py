@@ -111,7 +111,7 @@ def run_variant(
     ``train=False`` only the seeds already finished are reported."""
     method, overrides = VARIANTS[variant]
     request = RunRequest(method=method, dataset=dataset, epochs=epochs, out=f"{out}/{data_version(dataset)}",
-                         device=device, hparams=[f"{k}={v}" for k, v in overrides.items()])
+                         device=device, hparam_overrides=[f"{k}={v}" for k, v in overrides.items()])
     prepared = prepare(request)
     primary = "teacher" if method == "ule" else "model"
     rows: dict[str, list[float]] = {}

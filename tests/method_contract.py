@@ -53,8 +53,11 @@ def toy_dataset(seed: int = 0, scramble_train_groups: bool = False) -> SpuriousD
             # What a method that reads no training group must never notice (its own generator, so that
             # the other splits' pixels stay the same).
             a = np.random.default_rng(99).permutation(a)
+        mask = torch.ones((len(y), 8, 8), dtype=torch.uint8)
+        mask[:, 2:6, 2:6] = 0  # the core object is the centre square
         return make_split(name, torch.from_numpy(y), torch.from_numpy(a),
-                          InMemoryImages(torch.from_numpy(pixels.clip(0, 255).astype(np.uint8))), [2])
+                          InMemoryImages(torch.from_numpy(pixels.clip(0, 255).astype(np.uint8))), [2],
+                          spurious_mask=mask)
 
     splits = {"train": split("train", (40, 10, 10, 40)), "val": split("val", (8, 8, 8, 8)),
               "test": split("test", (8, 8, 8, 8))}
@@ -72,7 +75,8 @@ def build(cls: type[Method], dataset: SpuriousDataset, seed: int = 0) -> tuple[M
     context = MethodContext(hparams=hparams, dataset_info=dataset.info(), device=torch.device("cpu"),
                             make_model=lambda: build_backbone("small-cnn", dataset.n_classes), seed=seed)
     method = cls(context)
-    data = DeviceData(dataset, torch.device("cpu"), cls.uses_train_group_labels(hparams))
+    data = DeviceData(dataset, torch.device("cpu"), cls.uses_train_group_labels(hparams),
+                      masks_allowed=cls.uses_spurious_masks(hparams))
     return method, data
 
 
@@ -109,7 +113,8 @@ def _first_gradient_stage(method: Method) -> Any:
 
 def _batch(method: Method, data: DeviceData, indices: torch.Tensor) -> Batch:
     return Batch(x=data.images("train", indices, train=True), y=data.labels("train")[indices], index=indices,
-                 group=data.groups("train")[indices] if data.train_groups_allowed else None)
+                 group=data.groups("train")[indices] if data.train_groups_allowed else None,
+                 mask=data.spurious_masks("train", indices) if data.masks_allowed else None)
 
 
 def check_builds_and_steps(cls: type[Method]) -> None:
@@ -195,9 +200,17 @@ def check_resume_equals_uninterrupted(cls: type[Method], folder: Path) -> None:
 
 def check_training_groups_only_when_declared(cls: type[Method], folder: Path) -> None:
     """A method that does not declare training group labels gets none, and trains identically when the
-    training groups are scrambled; one that declares them gets them in every batch."""
+    training groups are scrambled; one that declares them gets them in every batch. Likewise, the
+    spurious-region masks reach only a method that declares them."""
     hparams = hparams_for(cls)
     method, data = build(cls, toy_dataset())
+    if not cls.uses_spurious_masks(hparams):
+        try:
+            data.spurious_masks("train", torch.arange(4))
+        except RuntimeError:
+            pass
+        else:
+            raise AssertionError(f"{cls.name}: spurious masks were handed to a method that does not declare them")
     if cls.uses_train_group_labels(hparams):
         assert torch.equal(data.groups("train"), toy_dataset().splits["train"].group.to(data.device))
         return

@@ -23,10 +23,8 @@ from methods.erm import ERM
 METHODS = method_names()
 
 
-def test_the_registry_holds_the_six_methods_and_dfr_train() -> None:
-    assert METHODS == sorted(["erm", "jtt", "dfr", "dfr-train", "groupdro", "lff", "ule"] + [
-        m for m in METHODS if m not in ("erm", "jtt", "dfr", "dfr-train", "groupdro", "lff", "ule")])
-    assert {"erm", "jtt", "dfr", "dfr-train", "groupdro", "lff", "ule"} <= set(METHODS)
+def test_the_registry_holds_the_six_methods_dfr_train_and_the_rrr_oracle() -> None:
+    assert set(METHODS) == {"erm", "jtt", "dfr", "dfr-train", "groupdro", "lff", "ule", "rrr"}
 
 
 @pytest.mark.parametrize("name", METHODS)

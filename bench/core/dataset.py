@@ -99,6 +99,10 @@ class Split:
     attrs: torch.Tensor  # [N, n_attrs] long
     group: torch.Tensor  # [N] long
     images: InMemoryImages | FileImages
+    # Optional, [N, H, W] uint8: 1 where a pixel belongs to the spurious region (the twins know it: the
+    # background and co-occurring objects, everything but the core object). Like training group labels,
+    # only methods that declare they use it ever see it (rrr, the oracle of docs/ule.md).
+    spurious_mask: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -153,6 +157,10 @@ class SpuriousDataset:
     def image_shape(self) -> tuple[int, int, int]:
         return self.splits["train"].images.shape
 
+    @property
+    def has_spurious_masks(self) -> bool:
+        return all(split.spurious_mask is not None for split in self.splits.values())
+
     def group_counts(self, split: str) -> list[int]:
         counts = torch.bincount(self.splits[split].group, minlength=self.n_groups)
         return [int(c) for c in counts]
@@ -188,12 +196,20 @@ def make_split(
     attrs: torch.Tensor,
     images: InMemoryImages | FileImages,
     attr_cardinalities: Sequence[int],
+    spurious_mask: torch.Tensor | None = None,
 ) -> Split:
-    """Build a split, deriving the group ids; checks that the arrays agree in length."""
+    """Build a split, deriving the group ids; checks that the arrays agree in length (and the mask, when
+    given, in shape with the images)."""
     y = torch.as_tensor(y, dtype=torch.long)
     attrs = torch.as_tensor(attrs, dtype=torch.long)
     if attrs.ndim == 1:
         attrs = attrs[:, None]
     if not (len(y) == attrs.shape[0] == len(images)):
         raise ValueError(f"split {name}: {len(y)} labels, {attrs.shape[0]} attribute rows, {len(images)} images")
-    return Split(name=name, y=y, attrs=attrs, group=group_ids(y, attrs, attr_cardinalities), images=images)
+    if spurious_mask is not None:
+        spurious_mask = torch.as_tensor(spurious_mask, dtype=torch.uint8)
+        expected = (len(y), *images.shape[1:])
+        if tuple(spurious_mask.shape) != expected:
+            raise ValueError(f"split {name}: spurious mask of shape {tuple(spurious_mask.shape)}, expected {expected}")
+    return Split(name=name, y=y, attrs=attrs, group=group_ids(y, attrs, attr_cardinalities), images=images,
+                 spurious_mask=spurious_mask)

@@ -23,17 +23,24 @@ class TrainingGroupsHidden(RuntimeError):
     """A method that declared it does not use training group labels asked for them."""
 
 
+class SpuriousMasksHidden(RuntimeError):
+    """A method that declared it does not use spurious-region masks asked for them."""
+
+
 class DeviceData:
     """The splits of a dataset on a device: batches, labels, predictions, features, group counts.
 
     Images are normalised here (``(pixels/255 - mean) / std``, the dataset's own normalisation).
-    Training group labels are only handed out when ``train_groups_allowed``.
+    Training group labels are only handed out when ``train_groups_allowed``, the spurious-region masks
+    of the synthetic twins only when ``masks_allowed``.
     """
 
-    def __init__(self, dataset: SpuriousDataset, device: torch.device, train_groups_allowed: bool, workers: int = 0):
+    def __init__(self, dataset: SpuriousDataset, device: torch.device, train_groups_allowed: bool, workers: int = 0,
+                 masks_allowed: bool = False):
         self._dataset = dataset
         self.device = device
         self.train_groups_allowed = train_groups_allowed
+        self.masks_allowed = masks_allowed
         self.workers = workers
         self.n_groups = dataset.n_groups
         self._mean = torch.tensor(dataset.mean, device=device).view(1, -1, 1, 1)
@@ -55,6 +62,16 @@ class DeviceData:
         if split == "train" and not self.train_groups_allowed:
             raise TrainingGroupsHidden("this method declared it does not use training group labels")
         return self._groups[split]
+
+    def spurious_masks(self, split: str, indices: torch.Tensor) -> torch.Tensor:
+        """Float ``[B, 1, H, W]`` masks of ``indices`` (1: the spurious region), for the methods that declare
+        they use them."""
+        if not self.masks_allowed:
+            raise SpuriousMasksHidden("this method declared it does not use spurious-region masks")
+        mask = self._dataset.splits[split].spurious_mask
+        if mask is None:
+            raise SpuriousMasksHidden(f"{self._dataset.name} has no spurious-region masks")
+        return mask[indices.cpu()].to(self.device, torch.float32)[:, None]
 
     def record_only_group_counts(self, split: str, indices: torch.Tensor) -> list[int]:
         """How many of ``indices`` fall in each group, for a method's log only (JTT records its error
