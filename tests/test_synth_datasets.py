@@ -200,7 +200,7 @@ def test_second_load_reads_the_cache(twins: dict[str, SpuriousDataset], monkeypa
 def test_corrupt_cache_is_regenerated(twins: dict[str, SpuriousDataset], damage: str) -> None:
     path = synth.twin_cache_path("spawrious-synth", 0)
     if damage == "inconsistent":  # a readable file whose arrays do not fit together
-        arrays = synth.load_arrays(path, synth.required_keys())
+        arrays = synth.load_arrays(path, synth.required_keys(get_dataset("spawrious-synth").spec))
         assert arrays is not None
         arrays["train_y"] = arrays["train_y"][:-5] + 7
         synth.save_arrays_atomically(path, arrays)
@@ -212,7 +212,7 @@ def test_corrupt_cache_is_regenerated(twins: dict[str, SpuriousDataset], damage:
     for split in SPLITS:
         assert torch.equal(loaded.splits[split].images.pixels, reference.splits[split].images.pixels)
         assert torch.equal(loaded.splits[split].group, reference.splits[split].group)
-    assert synth.load_arrays(path, synth.required_keys()) is not None  # rewritten whole
+    assert synth.load_arrays(path, synth.required_keys(get_dataset("spawrious-synth").spec)) is not None  # rewritten whole
     assert not list(path.parent.glob("*.tmp"))  # no temporary file left behind
 
 
@@ -260,3 +260,29 @@ def test_data_clean_removes_only_twin_files_the_current_code_does_not_read(tmp_p
     assert current.exists() and other_seed.exists() and mnist.exists()
     assert not old_code.exists() and not old_version.exists()
     assert "2 stale twin file(s)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["waterbirds-synth", "urbancars-synth", "spawrious-synth"])
+def test_spurious_masks_cover_everything_but_the_core_object(twins: dict[str, SpuriousDataset], name: str) -> None:
+    # The twins know where their spurious cues are: outside the digit's footprint (grown by one pixel).
+    dataset = twins[name]
+    assert dataset.has_spurious_masks
+    for split in SPLITS:
+        mask = dataset.splits[split].spurious_mask
+        assert mask is not None and mask.shape == (len(dataset.splits[split]), 28, 28) and mask.dtype == torch.uint8
+        fraction = mask.float().mean(dim=(1, 2))
+        assert 0.4 < float(fraction.mean()) < 0.9 and float(fraction.min()) > 0.2
+
+
+def test_spurious_region_is_the_complement_of_the_grown_footprint() -> None:
+    alpha = np.zeros((1, 6, 6), dtype=np.float32)
+    alpha[0, 2, 3] = 0.9
+    mask = synth.spurious_region(alpha)
+    expected = np.ones((6, 6), dtype=np.uint8)
+    expected[1:4, 2:5] = 0
+    np.testing.assert_array_equal(mask[0], expected)
+
+
+def test_celeba_synth_has_no_region_mask() -> None:
+    # Its spurious attribute (a face's look) is not a region apart from the core (the hair).
+    assert not get_dataset("celeba-synth").spec.has_spurious_masks
