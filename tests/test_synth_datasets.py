@@ -212,7 +212,8 @@ def test_corrupt_cache_is_regenerated(twins: dict[str, SpuriousDataset], damage:
     for split in SPLITS:
         assert torch.equal(loaded.splits[split].images.pixels, reference.splits[split].images.pixels)
         assert torch.equal(loaded.splits[split].group, reference.splits[split].group)
-    assert synth.load_arrays(path, synth.required_keys(get_dataset("spawrious-synth").spec)) is not None  # rewritten whole
+    # Rewritten whole:
+    assert synth.load_arrays(path, synth.required_keys(get_dataset("spawrious-synth").spec)) is not None
     assert not list(path.parent.glob("*.tmp"))  # no temporary file left behind
 
 
