@@ -21,9 +21,11 @@ from methods.base import Batch, Hparam, Method, MethodContext, Stage, log_unifor
 # dULE (skpritch/dULE-Clinical-Trial-Success-Prediction) uses the same 1e-8.
 NORM_EPS = 1e-8
 
-GRAD_TARGETS = ("logit_centred", "logit_true", "loss", "logit_pred")
-GRAD_NORMS = ("maxabs", "l2", "none")
+GRAD_TARGETS = ("logit_centred", "logit_true", "loss", "logit_pred", "prob_true")
+GRAD_NORMS = ("maxabs", "student_maxabs", "l2", "none")
 DISTANCES = ("mse", "cosine", "orthogonal")
+READINGS = ("saliency", "finite_step")
+STEP_DIRECTIONS = ("sign", "l2")
 
 
 # --------------------------------------------------------------------------------------------
@@ -39,7 +41,9 @@ def gradient_scalar(
     student's predicted class, so that both models' maps explain the same output); ``loss``: the
     per-example cross-entropy; ``logit_centred``: the true-class logit minus the mean logit, which,
     unlike a raw logit, the softmax cannot ignore (a term added to every logit changes the raw
-    logit's gradient but neither the predictions nor the cross-entropy: docs/ule.md, "Ablation").
+    logit's gradient but neither the predictions nor the cross-entropy: docs/ule.md, "Ablation");
+    ``prob_true``: the softmax probability of the true class, whose gradient is small on confidently
+    right examples, so that a penalty on it concentrates on the student's mistakes.
 
     Summing over the batch gives each example's own gradient in one backward pass (exactly so for a
     backbone without batch norm; with batch norm in training mode the batch statistics add small
@@ -55,6 +59,8 @@ def gradient_scalar(
         return F.cross_entropy(logits, y, reduction="sum")
     if target == "logit_centred":
         return (logits.gather(1, y[:, None])[:, 0] - logits.mean(dim=1)).sum()
+    if target == "prob_true":
+        return F.softmax(logits, dim=1).gather(1, y[:, None]).sum()
     raise ValueError(f"unknown grad_target {target!r}; choose one of {GRAD_TARGETS}")
 
 
@@ -62,7 +68,8 @@ def normalise_gradient(gradient: torch.Tensor, how: str) -> torch.Tensor:
     """Per-example normalisation of input gradients ``[B, ...]``, flattened to ``[B, D]``.
 
     ``maxabs``: divide by the largest absolute entry of the example (values in [-1, 1], as in
-    dULE); ``l2``: divide by the example's L2 norm; ``none``: raw gradients.
+    dULE); ``l2``: divide by the example's L2 norm; ``none``: raw gradients. (``student_maxabs``
+    divides both maps by the student's scale: see :func:`saliency_penalty`.)
     """
     flat = gradient.flatten(1)
     if how == "maxabs":
@@ -86,9 +93,22 @@ def saliency_penalty(
     orthogonal, i.e. it asks the teacher to ignore what the student looks at instead of
     reversing it (the cosine-variant of dULE, squared instead of to the fourth power).
     Cosine distances are scale-free, so ``grad_norm`` only matters for ``mse``.
+
+    ``student_maxabs`` divides BOTH maps by the student's per-example max-abs (a constant: the
+    student's gradient is detached). Every other normalisation of the teacher's map by its own scale
+    makes the penalty invariant to that scale, so its parameter gradient grows as 1 / scale: a teacher
+    whose output is still flat (at initialisation its input gradients are ~1e-4) is then driven by the
+    penalty alone and can meet it by shaping the direction of an ever-smaller gradient, without ever
+    learning the class (docs/ule.md, "The collapsed teacher"). With the student's scale, a flat teacher
+    pays the full penalty and the penalty's gradient does not depend on the teacher's scale.
     """
-    teacher = normalise_gradient(teacher_gradient, grad_norm)
-    student = normalise_gradient(student_gradient, grad_norm)
+    if grad_norm == "student_maxabs":
+        student = student_gradient.flatten(1)
+        scale = student.abs().amax(dim=1, keepdim=True) + NORM_EPS
+        teacher, student = teacher_gradient.flatten(1) / scale, student / scale
+    else:
+        teacher = normalise_gradient(teacher_gradient, grad_norm)
+        student = normalise_gradient(student_gradient, grad_norm)
     if distance == "mse":
         return (teacher + student).pow(2).mean()
     cosine = F.cosine_similarity(teacher, student, dim=1, eps=NORM_EPS)
@@ -108,6 +128,20 @@ _SPAWRIOUS = tuple(f"spawrious-{kind}-{level}" for kind in ("o2o", "m2m") for le
 
 def _trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def finite_step(x: torch.Tensor, loss_gradient: torch.Tensor, size: float, direction: str) -> torch.Tensor:
+    """``x`` moved along the student's per-example loss gradient: ``x + size * sign(g)`` (``sign``), or
+    ``x + size * sqrt(D) * g / ||g||`` (``l2``: the same L2 length as the sign step, in the gradient's
+    direction). Not clipped to the pixel range (the harness's inputs are normalised; the method does not
+    know the range)."""
+    if direction == "sign":
+        return x + size * loss_gradient.sign()
+    if direction == "l2":
+        flat = loss_gradient.flatten(1)
+        length = size * flat.shape[1] ** 0.5
+        return x + (length * flat / (flat.norm(dim=1, keepdim=True) + NORM_EPS)).view_as(x)
+    raise ValueError(f"unknown step_direction {direction!r}; choose one of {STEP_DIRECTIONS}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,6 +238,38 @@ class ULE(Method):
             low=0,
             search=one_of(0, 1, 2),
         ),
+        "penalty_epochs": Hparam(
+            0,
+            "the penalty is on only before this epoch (counted from 0, warm-up included); 0: to the end",
+            int,
+            low=0,
+        ),
+        "freeze_student_after": Hparam(
+            0,
+            "the student stops training after this many epochs (an early, shortcut-only student, as JTT's "
+            "early-stopped model); it keeps giving its maps; 0: it trains to the end",
+            int,
+            low=0,
+        ),
+        "reading": Hparam(
+            "saliency",
+            "saliency: the teacher's input gradient is pushed away from the student's (the penalty above); "
+            "finite_step: the teacher is also trained, with the true label, on the inputs moved one step along "
+            "the student's loss gradient (the student's mistakes made explicit; no double backward)",
+            str,
+            choices=READINGS,
+        ),
+        "step_size": Hparam(
+            0.1,
+            "finite_step: the step's size per input element, in normalised input units (the twins' inputs span "
+            "[-1, 1])",
+            float,
+            low=0.0,
+        ),
+        "step_direction": Hparam(
+            "sign", "finite_step: sign of the gradient, or the gradient scaled to the same L2 length", str,
+            choices=STEP_DIRECTIONS,
+        ),
     }
 
     # Real datasets: the benchmark's ERM protocol of each dataset (the same
@@ -240,29 +306,45 @@ class ULE(Method):
 
     @property
     def penalty_active(self) -> bool:
-        return self.epoch >= int(self.hp["warmup_epochs"])
+        last = int(self.hp["penalty_epochs"])
+        return self.epoch >= int(self.hp["warmup_epochs"]) and (last == 0 or self.epoch < last)
+
+    @property
+    def student_frozen(self) -> bool:
+        after = int(self.hp["freeze_student_after"])
+        return after > 0 and self.epoch >= after
 
     def update(self, batch: Batch) -> dict[str, float]:
         active = self.penalty_active
+        finite = self.hp["reading"] == "finite_step"
         x = batch.x.detach().requires_grad_(True) if active else batch.x
-        student_gradient, student_loss, student_predicted = self._student_step(x, batch.y, active)
+        student_gradient, student_loss, student_predicted = self._student_step(x, batch.y, active, finite)
         log = {"student_ce": student_loss}
-        log.update(self._teacher_step(x, batch.y, student_gradient, student_predicted))
+        if active and finite:
+            assert student_gradient is not None
+            moved = finite_step(batch.x, student_gradient, float(self.hp["step_size"]), self.hp["step_direction"])
+            log.update(self._teacher_finite_step(batch.x, moved, batch.y))
+        else:
+            log.update(self._teacher_step(x, batch.y, student_gradient, student_predicted))
         self.steps += 1
         return log
 
     def _student_step(
-        self, x: torch.Tensor, y: torch.Tensor, active: bool
+        self, x: torch.Tensor, y: torch.Tensor, active: bool, finite: bool = False
     ) -> tuple[torch.Tensor | None, float, torch.Tensor | None]:
-        """Plain ERM step of the student; returns its detached input gradient (before the step)."""
-        target = self.hp["grad_target"]
+        """Plain ERM step of the student (none once it is frozen); returns its detached input gradient,
+        taken before the step: that of ``grad_target``, or of each example's loss for ``finite_step``."""
+        target = "loss" if finite else self.hp["grad_target"]
+        frozen = self.student_frozen
+        self.student.train(not frozen)
         logits = self.student(x)
         loss = F.cross_entropy(logits, y)
-        parameters = _trainable(self.student)
+        parameters = [] if frozen else _trainable(self.student)
         self.student_optimizer.zero_grad(set_to_none=True)
         gradient = predicted = None
         if not active:
-            loss.backward(inputs=parameters)
+            if parameters:
+                loss.backward(inputs=parameters)
         elif target == "loss":
             # dCE_mean/dx is each example's loss gradient / B: one backward gives both gradients.
             grads = torch.autograd.grad(loss, [x, *parameters], allow_unused=True)
@@ -273,9 +355,11 @@ class ULE(Method):
             predicted = logits.detach().argmax(dim=1)
             scalar = gradient_scalar(logits, y, target, predicted)
             # To the input only: the engine then skips every weight-gradient computation.
-            (gradient,) = torch.autograd.grad(scalar, x, retain_graph=True)
-            loss.backward(inputs=parameters)
-        self.student_optimizer.step()
+            (gradient,) = torch.autograd.grad(scalar, x, retain_graph=bool(parameters))
+            if parameters:
+                loss.backward(inputs=parameters)
+        if parameters:
+            self.student_optimizer.step()
         # autograd.grad without create_graph returns tensors outside any graph: g_S is detached.
         return gradient, loss.item(), predicted
 
@@ -296,16 +380,28 @@ class ULE(Method):
                 log["saliency_cos"] = F.cosine_similarity(
                     teacher_gradient.flatten(1), student_gradient.flatten(1), dim=1
                 ).mean().item()
+        self._teacher_optimise(loss)
+        return log
+
+    def _teacher_finite_step(self, x: torch.Tensor, moved: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """``CE(T(x), y) + penalty_weight * CE(T(x'), y)``, one forward of the two batches together."""
+        logits = self.teacher(torch.cat([x, moved]))
+        clean, shifted = logits.split(len(x))
+        loss = F.cross_entropy(clean, y)
+        moved_loss = F.cross_entropy(shifted, y)
+        self._teacher_optimise(loss + self.hp["penalty_weight"] * moved_loss)
+        return {"teacher_ce": loss.item(), "penalty": moved_loss.item()}
+
+    def _teacher_optimise(self, loss: torch.Tensor) -> None:
         self.teacher_optimizer.zero_grad(set_to_none=True)
         loss.backward(inputs=_trainable(self.teacher))
         self.teacher_optimizer.step()
-        return log
 
     def predictors(self) -> dict[str, nn.Module]:
         return {"teacher": self.teacher, "student": self.student}
 
     def epoch_log(self) -> dict[str, Any]:
-        return {"penalty_active": self.penalty_active, "steps": self.steps}
+        return {"penalty_active": self.penalty_active, "student_frozen": self.student_frozen, "steps": self.steps}
 
     def extra_state(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "steps": self.steps}

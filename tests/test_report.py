@@ -557,3 +557,47 @@ def test_cli_user_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     write_run(tmp_path, BIRDS_INFO, "erm", "f000000000", 0, [], state="failed")
     assert main(["report", str(tmp_path)]) == 2
     assert "no finished run to report (1 failed" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# Collapsed models
+
+
+def test_predicts_one_class_flags_a_constant_model_not_a_shortcut() -> None:
+    from bench.core.metrics import predicts_one_class
+
+    structure = GroupStructure.from_info(BIRDS_INFO)  # groups 2y + place
+    total = [TEN] * 4
+    assert predicts_one_class([TEN, TEN, 0, 0], total, structure)  # always "landbird"
+    assert predicts_one_class([0, 1, TEN, TEN], total, structure)  # 5% of landbirds right: within the margin
+    assert predicts_one_class([0, 2, TEN, TEN], total, structure) is False  # 10%: it tells landbirds apart
+    assert predicts_one_class([0, 0, 9, 10], [TEN, 30, TEN, TEN], structure)  # 95% one class
+    # A shortcut on a split where the place is independent of the class: half of each class right.
+    assert predicts_one_class([TEN, 0, 0, TEN], total, structure) is False
+    batch = predicts_one_class([[TEN, TEN, 0, 0], [TEN, 0, 0, TEN]], [total, total], structure)
+    assert batch.tolist() == [True, False]
+
+
+def test_a_model_collapsed_in_every_evaluation_is_named_by_report_and_run(tmp_path: Path, capsys) -> None:
+    root = tmp_path / "results"
+    collapsed = [evaluation("train", e, {"teacher": ([TEN, TEN, 0, 0], [TEN, TEN, 0, 0]),
+                                         "student": ([9, 2, 3, 9], [9, 2, 3, 9])}) for e in (1, 2)]
+    # Collapsed in the first evaluation only: it learned afterwards, no warning.
+    recovered = [evaluation("train", 1, {"teacher": ([TEN, TEN, 0, 0], [TEN, TEN, 0, 0]),
+                                         "student": ([9, 2, 3, 9], [9, 2, 3, 9])}),
+                 evaluation("train", 2, {"teacher": ([8, 4, 5, 8], [8, 4, 5, 8]),
+                                         "student": ([9, 2, 3, 9], [9, 2, 3, 9])})]
+    dead = write_run(root, BIRDS_INFO, "ule", "u000000000", 0, collapsed, primary="teacher")
+    write_run(root, BIRDS_INFO, "ule", "u000000000", 1, recovered, primary="teacher")
+    board = aggregate(load_results(root))
+    assert board.collapsed[["seed", "predictor"]].values.tolist() == [[0, "teacher"]]
+    markdown = to_markdown(board)
+    assert "1 model(s) collapsed" in markdown and "seed0 (ule)" in markdown
+    assert main(["report", str(root), "--no-files"]) == 0
+    assert "collapsed" in capsys.readouterr().err
+
+    from bench.cli import seed_tables
+
+    printed = seed_tables([dead, dead.parent / "seed1"], str(root), "val-worst-group")
+    assert "warning: seed 0's teacher collapsed" in printed and "seed 1's" not in printed
+    assert max(len(line) for line in printed.splitlines()) <= 100

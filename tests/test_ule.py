@@ -66,7 +66,11 @@ def _normalise(v: torch.Tensor, how: str) -> torch.Tensor:
 
 
 def _closed_form_penalty(g_teacher: torch.Tensor, g_student: torch.Tensor, how: str, distance: str) -> torch.Tensor:
-    t, s = _normalise(g_teacher, how), _normalise(g_student, how)
+    if how == "student_maxabs":  # both maps over the student's scale
+        scale = g_student.abs().amax(dim=1, keepdim=True) + NORM_EPS
+        t, s = g_teacher / scale, g_student / scale
+    else:
+        t, s = _normalise(g_teacher, how), _normalise(g_student, how)
     if distance == "mse":
         return ((t + s) ** 2).mean()
     cos = (t * s).sum(1) / (t.norm(dim=1) * s.norm(dim=1))
@@ -81,6 +85,10 @@ def _linear_input_gradient(weight: torch.Tensor, bias: torch.Tensor, x: torch.Te
         return weight[predicted]
     if target == "logit_centred":
         return weight[y] - weight.mean(dim=0)
+    probabilities = torch.softmax(x @ weight.T + bias, dim=1)
+    if target == "prob_true":  # d p_y / dx = p_y (W_y - sum_j p_j W_j)
+        p_y = probabilities.gather(1, y[:, None])
+        return p_y * (weight[y] - probabilities @ weight)
     # d CE / dx = W^T (softmax(Wx + b) - onehot(y)), per example
     residual = torch.softmax(x @ weight.T + bias, dim=1) - F.one_hot(y, weight.shape[0]).to(x.dtype)
     return residual @ weight
@@ -236,6 +244,121 @@ def test_teacher_gradient_matches_central_differences(grad_target: str, grad_nor
             minus[name].view(-1)[i] -= step
             flat[i] = (teacher_loss(plus) - teacher_loss(minus)) / (2 * step)
         torch.testing.assert_close(analytic, numeric, rtol=1e-5, atol=1e-7, msg=f"parameter {name}")
+
+
+# ------------------------------------------------------------------------------------------------
+# The readings of docs/ule.md's second round: finite step, probability target, schedule
+
+
+@pytest.mark.parametrize("direction", ["sign", "l2"])
+def test_finite_step_moves_along_the_students_loss_gradient_and_trains_the_teacher_there(direction: str) -> None:
+    n_classes, dim = 3, 18
+
+    def linear() -> Classifier:
+        return Classifier(nn.Flatten(), dim, n_classes).double()
+
+    torch.manual_seed(0)
+    size, weight = 0.2, 0.6
+    method = ULE(make_context(ULE, linear, n_classes, reading="finite_step", step_size=size, step_direction=direction,
+                              penalty_weight=weight, momentum=0.0, weight_decay=0.0))
+    (batch,) = batches(1, (2, 3, 3), size=5, n_classes=n_classes, dtype=torch.float64)
+    x, y = batch.x.flatten(1), batch.y
+    w_s, b_s = (p.detach().clone() for p in (method.student.classifier.weight, method.student.classifier.bias))
+    w_t, b_t = (p.detach().clone().requires_grad_(True)
+                for p in (method.teacher.classifier.weight, method.teacher.classifier.bias))
+    # The student's per-example loss gradient, W^T (softmax - onehot), in closed form.
+    loss_gradient = _linear_input_gradient(w_s, b_s, x, y, "loss", y)
+    if direction == "sign":
+        moved = x + size * loss_gradient.sign()
+    else:
+        moved = x + size * dim**0.5 * loss_gradient / (loss_gradient.norm(dim=1, keepdim=True) + NORM_EPS)
+        assert torch.allclose((moved - x).norm(dim=1), torch.full((5,), size * dim**0.5, dtype=torch.float64))
+    teacher_loss = F.cross_entropy(x @ w_t.T + b_t, y) + weight * F.cross_entropy(moved @ w_t.T + b_t, y)
+    expected_w, expected_b = torch.autograd.grad(teacher_loss, [w_t, b_t])
+
+    log = method.update(batch)
+    assert log["penalty"] == pytest.approx(F.cross_entropy(moved @ w_t.T + b_t, y).item(), rel=1e-9)
+    torch.testing.assert_close(method.teacher.classifier.weight.grad, expected_w, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(method.teacher.classifier.bias.grad, expected_b, rtol=1e-9, atol=1e-12)
+
+
+def test_finite_step_keeps_the_student_erm_and_one_forward_per_model() -> None:
+    torch.manual_seed(3)
+    erm = ERM(make_context(ERM, small_cnn, optimizer="adam"))
+    torch.manual_seed(3)
+    ule = ULE(make_context(ULE, small_cnn, optimizer="adam", reading="finite_step"))
+    calls = {"student": 0, "teacher": 0}
+    for name in calls:
+        getattr(ule, name).register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+    for steps, batch in enumerate(batches(3), start=1):
+        assert ule.update(batch)["student_ce"] == erm.update(batch)["loss"]
+        assert calls == {"student": steps, "teacher": steps}
+    assert same_parameters(erm.model, ule.student)
+
+
+def test_penalty_epochs_turn_the_penalty_off_from_epoch_k() -> None:
+    torch.manual_seed(7)
+    method = ULE(make_context(ULE, small_cnn, warmup_epochs=1, penalty_epochs=3))
+    data = batches(5)
+    for epoch in range(5):
+        method.begin_epoch(STAGE, epoch)
+        assert ("penalty" in method.update(data[epoch])) == (1 <= epoch < 3), f"epoch {epoch}"
+
+
+def test_a_frozen_student_stops_training_and_still_gives_its_maps() -> None:
+    torch.manual_seed(9)
+    method = ULE(make_context(ULE, small_cnn, optimizer="adam", freeze_student_after=1))
+    data = batches(4)
+    method.begin_epoch(STAGE, 0)
+    method.update(data[0])
+    after_epoch_0 = {k: v.clone() for k, v in method.student.state_dict().items()}
+    optimizer_state = io.BytesIO()
+    torch.save(method.student_optimizer.state_dict(), optimizer_state)
+    method.begin_epoch(STAGE, 1)
+    teacher_before = {k: v.clone() for k, v in method.teacher.state_dict().items()}
+    for batch in data[1:]:
+        log = method.update(batch)
+        assert "penalty" in log and log["penalty"] > 0
+    assert all(torch.equal(v, after_epoch_0[k]) for k, v in method.student.state_dict().items())
+    assert not all(torch.equal(v, teacher_before[k]) for k, v in method.teacher.state_dict().items())
+    assert method.epoch_log()["student_frozen"] is True
+    assert optimizer_state.getvalue() and method.student.training is False
+
+
+# ------------------------------------------------------------------------------------------------
+# The collapsed teacher (docs/ule.md, "The collapsed teacher")
+
+
+def _penalty_to_ce_gradient_ratio(grad_norm: str, output_scale: float) -> float:
+    """||d penalty / d theta|| / ||d CE / d theta|| for a teacher whose output is scaled by ``output_scale``
+    (a flat teacher, as at initialisation, has a small one), against a fixed student map."""
+    torch.manual_seed(11)
+    teacher = small_cnn()
+    with torch.no_grad():
+        teacher.classifier.weight.mul_(output_scale)
+        teacher.classifier.bias.zero_()
+    (batch,) = batches(1, (3, 12, 12), size=16)
+    x = batch.x.clone().requires_grad_(True)
+    student_map = torch.randn(16, 3, 12, 12, generator=torch.Generator().manual_seed(12)) * 1e-2
+    logits = teacher(x)
+    ce = F.cross_entropy(logits, batch.y)
+    from methods.ule import gradient_scalar, saliency_penalty
+
+    (g_teacher,) = torch.autograd.grad(gradient_scalar(logits, batch.y, "logit_centred"), x, create_graph=True)
+    penalty = saliency_penalty(g_teacher, student_map, grad_norm, "mse")
+    params = list(teacher.featurizer.parameters())
+    norm = lambda grads: torch.sqrt(sum((g**2).sum() for g in grads)).item()  # noqa: E731
+    return norm(torch.autograd.grad(penalty, params, retain_graph=True)) / norm(torch.autograd.grad(ce, params))
+
+
+def test_a_penalty_normalised_by_the_teachers_own_scale_outweighs_the_ce_of_a_flat_teacher() -> None:
+    # The cause of the collapsed teachers: with maxabs the penalty ignores the teacher's scale, so as its
+    # output flattens, the CE's gradient shrinks with the scale and the penalty's does not.
+    own = [_penalty_to_ce_gradient_ratio("maxabs", scale) for scale in (1.0, 1e-2, 1e-4)]
+    assert own[1] > 50 * own[0] and own[2] > 50 * own[1], own
+    # Normalised by the student's scale, the penalty shrinks with the teacher's output like the CE.
+    shared = [_penalty_to_ce_gradient_ratio("student_maxabs", scale) for scale in (1.0, 1e-2, 1e-4)]
+    assert max(shared) < 2 * shared[0], shared
 
 
 # ------------------------------------------------------------------------------------------------

@@ -35,6 +35,9 @@ from typing import Any
 
 import numpy as np
 
+# A model whose class accuracies are all within this of 0 or 1, one of them 1, predicted one class.
+ONE_CLASS_MARGIN = 0.05
+
 # UrbanCars: both spurious cues are aligned with the object class with this ratio in training.
 URBANCARS_TRAIN_RATIO = 0.95
 
@@ -176,6 +179,21 @@ def class_accuracies(correct: Counts, total: Counts, structure: GroupStructure) 
     # Summing counts is exact in float64 (integers), so the matrix product pools them exactly.
     membership = (classes[:, None] == np.arange(structure.n_classes)[None, :]).astype(float)
     return _ratio(correct_array @ membership, total_array @ membership)
+
+
+def predicts_one_class(correct: Counts, total: Counts, structure: GroupStructure) -> np.ndarray | bool:
+    """Whether a model predicted (nearly) one class for every example of a split: that class's accuracy
+    is at least 1 - :data:`ONE_CLASS_MARGIN` and every other class's at most the margin.
+
+    Such a model has collapsed (e.g. a teacher that never learned): ``bench run`` and ``bench report`` warn
+    about a model that does this in every evaluation. Unlike a balanced accuracy near 1 / n_classes, this
+    does not flag a model that follows a shortcut on a split where the shortcut is independent of the
+    class (which also scores 1 / n_classes there, with every class half right)."""
+    accuracies = class_accuracies(correct, total, structure)
+    high = accuracies >= 1.0 - ONE_CLASS_MARGIN
+    low = accuracies <= ONE_CLASS_MARGIN
+    one = (high.sum(axis=-1) == 1) & ((high | low).sum(axis=-1) == accuracies.shape[-1])
+    return bool(one) if one.ndim == 0 else one
 
 
 def worst_class_accuracy(correct: Counts, total: Counts, structure: GroupStructure) -> np.ndarray | float:

@@ -121,6 +121,9 @@ class Leaderboard:
     group_accuracies: dict[str, pd.DataFrame]
     issues: list[RunIssue]
     counts: dict[str, int]
+    # Models of the chosen configurations that predicted one class in every evaluation (collapsed): path,
+    # dataset, row, seed, predictor.
+    collapsed: pd.DataFrame
 
     @property
     def oracle(self) -> bool:
@@ -218,7 +221,21 @@ def aggregate(results: Results, rule: str = DEFAULT_RULE, primary_only: bool = F
 
     dataset_info = {d: results.datasets[d] for d in datasets}
     return Leaderboard(rule, str(results.root), datasets, dataset_info, rows, cells, configs, per_seed, curves,
-                       group_accuracies, list(results.issues), counts)
+                       group_accuracies, list(results.issues), counts, collapsed_models(curves, runs))
+
+
+def collapsed_models(curves: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """(run, predictor) pairs that predicted one class on the validation set in every selectable
+    evaluation (bench.core.metrics.predicts_one_class): warned about wherever they are averaged."""
+    columns = ["path", "dataset", "row", "seed", "predictor"]
+    selectable = curves[curves["selectable"]]
+    if selectable.empty:
+        return pd.DataFrame(columns=columns)
+    always = selectable.groupby(["run", "predictor", "row", "dataset"], sort=True)["val_one_class"].min()
+    dead = always[always == 1.0].reset_index()
+    dead["path"] = dead["run"].map(runs["path"])
+    dead["seed"] = dead["run"].map(runs["seed"])
+    return dead[columns].reset_index(drop=True)
 
 
 def _summarise(per_seed: pd.DataFrame, datasets: list[str], dataset_meta: dict[str, dict[str, Any]]) -> pd.DataFrame:

@@ -14,6 +14,7 @@ from bench.display import display_path
 from bench.report.aggregate import aggregate
 from bench.report.load import RunIssue, load_results
 from bench.report.render import to_csv, to_latex, to_markdown, write_report
+from bench.report.tables import collapsed_warning
 
 
 def _print_issues(issues: Sequence[RunIssue], limit: int = 20) -> None:
@@ -29,6 +30,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     results = load_results(args.results)
     _print_issues(results.issues)
     board = aggregate(results, args.select, primary_only=args.primary_only)
+    if warning := collapsed_warning(board):
+        print(warning, file=sys.stderr)
     renderers = {"markdown": to_markdown, "latex": to_latex, "csv": to_csv}
     sys.stdout.write(renderers[args.format](board))
     if not args.no_files:

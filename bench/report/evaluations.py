@@ -34,8 +34,8 @@ HEADLINE_METRICS: dict[str, str] = {
     "test_average": "average_accuracy",
 }
 BASE_COLUMNS = ["run", "position", "predictor", "stage", "epoch", "selectable", "dataset", "ga_row",
-                "val_worst_group", "val_average", "val_worst_class", "test_worst_group", "test_average",
-                "test_worst_class"]
+                "val_worst_group", "val_average", "val_worst_class", "val_one_class", "test_worst_group",
+                "test_average", "test_worst_class"]
 
 
 def metric_column(spec: MetricSpec) -> str:
@@ -69,6 +69,8 @@ def split_columns(split: str, correct: np.ndarray, total: np.ndarray, structure:
         return columns
     columns = {EPOCH_SCORE[rule]: rule_scores(correct, total, structure, rule)
                for rule in RULES if RULE_SPLITS[rule] == split}
+    if split == "val":
+        columns["val_one_class"] = np.asarray(metrics.predicts_one_class(correct, total, structure), dtype=float)
     if split == "test":
         columns["test_average"] = metrics.average_accuracy(correct, total, structure)
         columns["test_worst_class"] = metrics.worst_class_accuracy(correct, total, structure)

@@ -13,8 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from bench.core.metrics import AVERAGES, METRIC_SETS
+from bench.core.metrics import AVERAGES, METRIC_SETS, ONE_CLASS_MARGIN
 from bench.core.selection import describe
+from bench.display import display_path
 from bench.report.aggregate import Leaderboard
 from bench.report.tables import MISSING, format_mean_std
 
@@ -76,5 +77,10 @@ def run_tables(board: Leaderboard) -> str:
              f"std over seeds. {average_label} = {AVERAGES[kind].label}."
              + (f" The method's result is the {primary}; the other model is recorded beside it." if multi else ""))
     parts += ["", textwrap.fill(notes, WIDTH)]
+    for found in board.collapsed.itertuples():
+        parts.append(textwrap.fill(
+            f"warning: seed {found.seed}'s {found.predictor} collapsed: it predicted the same class for (nearly) "
+            f"every validation example in every epoch (each class's accuracy within {round(100 * ONE_CLASS_MARGIN)} "
+            f"points of 0 or 100%); its numbers are averaged above ({display_path(found.path)})", WIDTH))
     return "\n".join(parts)
 

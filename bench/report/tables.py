@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from bench.core.metrics import AVERAGE_LABELS, METRIC_SETS
+from bench.core.metrics import AVERAGE_LABELS, METRIC_SETS, ONE_CLASS_MARGIN
 from bench.core.selection import describe
 from bench.display import display_path
 from bench.report.aggregate import CONFIG_SCORE, REFERENCE_METHOD, Leaderboard
@@ -184,7 +184,26 @@ def header_lines(board: Leaderboard) -> list[str]:
     c = board.counts
     skipped = ", ".join(f"{c[state]} {state}" for state in ("failed", "unfinished", "corrupt", "duplicate")
                         if c[state])
-    return [f"Results: `{display_path(board.root)}`: {c['found']} run folders, {c['used']} finished runs used"
-            + (f"; skipped {skipped}." if skipped else ".")]
+    lines = [f"Results: `{display_path(board.root)}`: {c['found']} run folders, {c['used']} finished runs used"
+             + (f"; skipped {skipped}." if skipped else ".")]
+    warning = collapsed_warning(board)
+    return lines + ([f"**{warning}**"] if warning else [])
+
+
+COLLAPSED_LISTED = 5
+
+
+def collapsed_warning(board: Leaderboard) -> str:
+    """One sentence naming the models that collapsed to one class in every evaluation ("" when none did)."""
+    found = board.collapsed
+    if found.empty:
+        return ""
+    named = [f"{display_path(row.path)} ({row.row})" for row in found.head(COLLAPSED_LISTED).itertuples()]
+    more = f" and {len(found) - COLLAPSED_LISTED} more" if len(found) > COLLAPSED_LISTED else ""
+    margin = round(100 * ONE_CLASS_MARGIN)
+    return (f"Warning: {len(found)} model(s) collapsed, predicting the same class for (nearly) every validation "
+            f"example in every evaluation (each class's accuracy within {margin} points of 0 or 100%), and are "
+            "averaged into the tables: "
+            + ", ".join(named) + more + ".")
 
 
