@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.core.dataset import SPLITS  # noqa: E402
-from bench.core.metrics import GroupStructure  # noqa: E402
+from bench.core.metrics import GroupStructure, predicts_one_class  # noqa: E402
 from bench.core.selection import DEFAULT_RULE, RULES  # noqa: E402
 from bench.runner import RunRequest, execute, prepare  # noqa: E402
 from bench.trainer import summarize_run  # noqa: E402
@@ -40,7 +40,7 @@ from datasets import load_dataset  # noqa: E402
 # RAW_LOGIT: the reconstruction of ule.md §2.3 as first implemented (the raw true-class logit); the
 # centred variants below differ from it in grad_target only.
 RAW_LOGIT = {"grad_target": "logit_true", "grad_norm": "maxabs", "distance": "mse", "penalty_weight": 1.0,
-         "warmup_epochs": 0}
+             "warmup_epochs": 0, "penalty_epochs": 0, "freeze_student_after": 0, "reading": "saliency"}
 
 
 def _variant(**changes: Any) -> tuple[str, dict[str, Any]]:
@@ -78,6 +78,27 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "centred-orthogonal": _variant(grad_target="logit_centred", distance="orthogonal"),
     "centred-orthogonal-l10": _variant(grad_target="logit_centred", distance="orthogonal", penalty_weight=10.0),
     "centred-mse-warmup2": _variant(grad_target="logit_centred", warmup_epochs=2),
+    # Second round (docs/ule.md): the collapse's fixes, then the readings not tried before, each from the
+    # first-round default (centred-mse) with the knobs it names.
+    "centred-mse-warmup1": _variant(grad_target="logit_centred", warmup_epochs=1),
+    "shared-scale": _variant(grad_target="logit_centred", grad_norm="student_maxabs"),
+    "shared-scale-l0.3": _variant(grad_target="logit_centred", grad_norm="student_maxabs", penalty_weight=0.3),
+    "shared-scale-l3": _variant(grad_target="logit_centred", grad_norm="student_maxabs", penalty_weight=3.0),
+    "shared-scale-l10": _variant(grad_target="logit_centred", grad_norm="student_maxabs", penalty_weight=10.0),
+    "shared-scale-warmup1": _variant(grad_target="logit_centred", grad_norm="student_maxabs", warmup_epochs=1),
+    "probability-1e3": _variant(grad_target="prob_true", grad_norm="none", penalty_weight=1e3),
+    "probability-1e4": _variant(grad_target="prob_true", grad_norm="none", penalty_weight=1e4),
+    "probability-1e5": _variant(grad_target="prob_true", grad_norm="none", penalty_weight=1e5),
+    "finite-0.03": _variant(reading="finite_step", step_size=0.03),
+    "finite-0.1": _variant(reading="finite_step", step_size=0.1),
+    "finite-0.3": _variant(reading="finite_step", step_size=0.3),
+    "finite-l2-0.1": _variant(reading="finite_step", step_size=0.1, step_direction="l2"),
+    "shared-scale-first2": _variant(grad_target="logit_centred", grad_norm="student_maxabs", penalty_epochs=2),
+    "shared-scale-frozen1": _variant(grad_target="logit_centred", grad_norm="student_maxabs", freeze_student_after=1),
+    "shared-scale-frozen2": _variant(grad_target="logit_centred", grad_norm="student_maxabs", freeze_student_after=2),
+    "finite-0.1-frozen1": _variant(reading="finite_step", step_size=0.1, freeze_student_after=1),
+    # The oracle of the discriminating experiment: rrr with the twins' true spurious-region masks.
+    **{f"rrr-{weight:g}": ("rrr", {"penalty_weight": weight}) for weight in (10.0, 100.0, 1000.0, 10000.0)},
 }
 
 
@@ -126,10 +147,16 @@ def run_variant(
         if not final.get("skipped"):
             seconds.append(time.perf_counter() - started)
         selection = final["selection"][rule]
+        run_dir = prepared.run_dir(seed)
+        structure = GroupStructure.from_info(run_dir.read_config()["dataset_info"])
+        metric_records = run_dir.read_metrics()
         if first_epochs is not None:
-            run_dir = prepared.run_dir(seed)
-            structure = GroupStructure.from_info(run_dir.read_config()["dataset_info"])
-            selection = summarize_run(run_dir.read_metrics()[:first_epochs], structure, [rule])[rule]
+            metric_records = metric_records[:first_epochs]
+            selection = summarize_run(metric_records, structure, [rule])[rule]
+        # A main model that predicted one class in every evaluation (the collapse bench run warns about).
+        collapsed = all(predicts_one_class(r["eval"][primary]["val"]["correct"], r["eval"][primary]["val"]["total"],
+                                           structure) for r in metric_records if r.get("selectable", True))
+        rows.setdefault("collapsed", []).append(float(collapsed))
         for predictor, chosen in selection.items():
             prefix = "main" if predictor == primary else predictor
             rows.setdefault(f"{prefix}_val_wga", []).append(chosen["val"]["worst_group_accuracy"])
@@ -220,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     seeds = list(range(args.seed_offset, args.seed_offset + args.seeds))
-    header = ("| dataset | variant | n | main val WGA | main test WGA | main test avg | student test WGA "
+    header = ("| dataset | variant | n | collapsed | main val WGA | main test WGA | main test avg | student test WGA "
               "| student test avg | s/run |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for dataset in args.datasets:
@@ -230,7 +257,9 @@ def main(argv: list[str] | None = None) -> int:
                                  args.device, train=not args.no_train)
             rows = result["rows"]
             seconds = f"{np.median(result['seconds']):.0f}" if result["seconds"] else "cached"
-            line = (f"| {dataset} | {variant} | {result['n']} | {_mean_std(rows.get('main_val_wga', []))} "
+            collapsed = int(sum(rows.get("collapsed", [])))
+            line = (f"| {dataset} | {variant} | {result['n']} | {collapsed} "
+                    f"| {_mean_std(rows.get('main_val_wga', []))} "
                     f"| {_mean_std(rows.get('main_test_wga', []))} | {_mean_std(rows.get('main_test_avg', []))} "
                     f"| {_mean_std(rows.get('student_test_wga', []))} | {_mean_std(rows.get('student_test_avg', []))} "
                     f"| {seconds} |")
