@@ -236,6 +236,7 @@ def execute(prepared: PreparedRun, seed: int, quiet: bool = False, force: bool =
         "uses_spurious_masks": uses_masks,
         "base_run": base_run,
         "paper": method_cls.paper,
+        "method_caveat": method_cls.caveat,
         "device": str(prepared.device),
         # CPU results are bit-identical for a seed only at the same thread count (it sets the order of
         # float sums), so it is recorded with the versions.

@@ -213,6 +213,9 @@ class Method:
     # Per dataset name: dataset options (``--data-option``) the method's protocol sets; the user's win.
     data_options_per_dataset: ClassVar[dict[str, dict[str, Any]]] = {}
     primary: ClassVar[str] = "model"
+    # Shown wherever the method's results are printed (bench list, bench run's table, the report): what a
+    # reader must know before comparing its numbers (ULE: a reconstruction, and what it showed here).
+    caveat: ClassVar[str] = ""
     # A method whose first stage trains exactly what a finished run of this method trained (DFR:
     # "erm") gets that run as ``context.base_run`` when there is one.
     base_method: ClassVar[str | None] = None

@@ -601,3 +601,21 @@ def test_a_model_collapsed_in_every_evaluation_is_named_by_report_and_run(tmp_pa
     printed = seed_tables([dead, dead.parent / "seed1"], str(root), "val-worst-group")
     assert "warning: seed 0's teacher collapsed" in printed and "seed 1's" not in printed
     assert max(len(line) for line in printed.splitlines()) <= 100
+
+
+def test_a_methods_caveat_marks_its_rows_and_is_printed_under_the_tables(tmp_path: Path) -> None:
+    root = tmp_path / "results"
+    runs = [write_run(root, BIRDS_INFO, "ule", "u000000000", seed,
+                      [evaluation("train", 1, {"teacher": ([9, 5, 5, 9], [9, 5, 5, 9]),
+                                               "student": ([9, 2, 3, 9], [9, 2, 3, 9])})], primary="teacher")
+            for seed in (0, 1)]
+    for folder in runs:
+        config = json.loads((folder / CONFIG_FILE).read_text())
+        config["method_caveat"] = "a reconstruction; it did not beat ERM here"
+        (folder / CONFIG_FILE).write_text(json.dumps(config))
+    board = aggregate(load_results(root))
+    markdown = to_markdown(board)
+    assert "| ule † " in markdown and "† ule: a reconstruction; it did not beat ERM here" in markdown
+    from bench.cli import seed_tables
+
+    assert "Note on ule: a reconstruction" in seed_tables(runs, str(root), "val-worst-group")

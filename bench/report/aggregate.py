@@ -124,6 +124,8 @@ class Leaderboard:
     # Models of the chosen configurations that predicted one class in every evaluation (collapsed): path,
     # dataset, row, seed, predictor.
     collapsed: pd.DataFrame
+    # Per method, the caveat its runs recorded (Method.caveat, e.g. ULE's: a reconstruction), if any.
+    caveats: dict[str, str]
 
     @property
     def oracle(self) -> bool:
@@ -221,7 +223,8 @@ def aggregate(results: Results, rule: str = DEFAULT_RULE, primary_only: bool = F
 
     dataset_info = {d: results.datasets[d] for d in datasets}
     return Leaderboard(rule, str(results.root), datasets, dataset_info, rows, cells, configs, per_seed, curves,
-                       group_accuracies, list(results.issues), counts, collapsed_models(curves, runs))
+                       group_accuracies, list(results.issues), counts, collapsed_models(curves, runs),
+                       {m: c for m, c in chosen_runs[["method", "method_caveat"]].itertuples(index=False) if c})
 
 
 def collapsed_models(curves: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:

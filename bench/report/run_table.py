@@ -77,6 +77,8 @@ def run_tables(board: Leaderboard) -> str:
              f"std over seeds. {average_label} = {AVERAGES[kind].label}."
              + (f" The method's result is the {primary}; the other model is recorded beside it." if multi else ""))
     parts += ["", textwrap.fill(notes, WIDTH)]
+    for method, caveat in sorted(board.caveats.items()):
+        parts.append(textwrap.fill(f"Note on {method}: {caveat}", WIDTH))
     for found in board.collapsed.itertuples():
         parts.append(textwrap.fill(
             f"warning: seed {found.seed}'s {found.predictor} collapsed: it predicted the same class for (nearly) "

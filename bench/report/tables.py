@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -63,7 +64,7 @@ def _metric_table(board: Leaderboard, key: str, metric: str, title: str, dataset
     lookup = _cell_lookup(board.cells, metric)
     rows = []
     for row in board.rows.itertuples(index=False):
-        line = [Cell(row.row)]
+        line = [row_cell(board, row)]
         for dataset in datasets:
             found = lookup.get((dataset, row.row))
             if found is None:
@@ -101,7 +102,7 @@ def build_tables(board: Leaderboard) -> list[Table]:
         "never marked best." if secondary else ".")
     tables = [
         _metric_table(board, "worst_group", "worst_group_accuracy", _title(board, "Worst-group accuracy (test, %)"),
-                      board.datasets, board.datasets, [common, best_note]),
+                      board.datasets, board.datasets, [common, best_note, *caveat_notes(board)]),
     ]
     kinds = sorted({board.average_kind(d) for d in board.datasets})
     tables.append(_metric_table(
@@ -118,6 +119,18 @@ def build_tables(board: Leaderboard) -> list[Table]:
     return tables
 
 
+CAVEAT_MARK = "†"
+
+
+def row_cell(board: Leaderboard, row: Any) -> Cell:
+    """A table's first cell: the row's label, marked when its method carries a caveat."""
+    return Cell(f"{row.row} {CAVEAT_MARK}" if board.caveats.get(row.method) else row.row)
+
+
+def caveat_notes(board: Leaderboard) -> list[str]:
+    return [f"{CAVEAT_MARK} {method}: {caveat}" for method, caveat in sorted(board.caveats.items())]
+
+
 def _metric_set_table(board: Leaderboard, dataset: str, name: str, common: str) -> Table:
     """One row per method run on ``dataset``, one column per metric of the set ``name``."""
     metric_set = METRIC_SETS[name]
@@ -126,7 +139,7 @@ def _metric_set_table(board: Leaderboard, dataset: str, name: str, common: str) 
     for row in board.rows.itertuples(index=False):
         if not any((dataset, row.row) in lookup for lookup in lookups):
             continue  # not run on this dataset
-        line = [Cell(row.row)]
+        line = [row_cell(board, row)]
         for lookup in lookups:
             found = lookup.get((dataset, row.row))
             if found is None:
@@ -147,7 +160,7 @@ def _versus_erm_table(board: Leaderboard) -> Table:
     has_reference = {d for (d, row) in lookup if row == REFERENCE_METHOD}
     rows = []
     for row in board.rows.itertuples(index=False):
-        line = [Cell(row.row)]
+        line = [row_cell(board, row)]
         for dataset in board.datasets:
             found = lookup.get((dataset, row.row))
             if found is None:
