@@ -162,16 +162,33 @@ def test_checkpoint_holds_everything_to_resume(tiny_data, tmp_path):
     assert {"python", "numpy", "torch"} <= set(checkpoint["rng"])
 
 
-def test_twin_run_identity_follows_the_generating_code(monkeypatch):
-    """A finished run on a twin must not be reused once the twin's generator changed."""
+def test_twin_run_identity_follows_the_generated_data(monkeypatch):
+    """A finished run on a twin must not be reused once the twin's data changed, and must stay valid when
+    an edit of the twin's code changed nothing of the data."""
     from bench import runner
     from datasets import _synth
 
     request = runner.RunRequest(method="erm", dataset="waterbirds-synth")
     before = runner.run_identity(request)
     assert before["data_version"].startswith(f"v{_synth.GENERATOR_VERSION}-")
+    # Another code fingerprint (an edit of a comment): the data is regenerated, the same, the same identity.
     monkeypatch.setattr(_synth, "generator_fingerprint", lambda twin_name: "0123456789")
+    _synth.content_digest.cache_clear()
+    assert runner.run_identity(runner.RunRequest(method="erm", dataset="waterbirds-synth")) == before
+    # Other data: another identity.
+    module = __import__("datasets.waterbirds_synth", fromlist=["generate_split"])
+    original = module.generate_split
+
+    def brighter(split: str, seed: int):  # type: ignore[no-untyped-def]
+        arrays = original(split, seed)
+        arrays["pixels"] = arrays["pixels"] // 2
+        return arrays
+
+    monkeypatch.setattr(_synth, "generator_fingerprint", lambda twin_name: "9876543210")
+    monkeypatch.setattr(module.WaterbirdsSynth, "generate_split", staticmethod(brighter))
+    _synth.content_digest.cache_clear()
     after = runner.run_identity(runner.RunRequest(method="erm", dataset="waterbirds-synth"))
+    _synth.content_digest.cache_clear()
     assert after["data_version"] != before["data_version"]
     assert records.config_hash(after) != records.config_hash(before)
     # Datasets read from files carry no data version: their identities are unchanged by this.
