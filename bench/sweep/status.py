@@ -16,6 +16,7 @@ from bench.core.records import RunDir
 from bench.display import display_path
 from bench.run_lock import read_json
 from bench.sweep.plan import PlannedRun, plan
+from bench.sweep.presets import find_preset
 from bench.sweep.settings import SweepSpec, build_settings, load_sweep_file
 from bench.sweep.state import STATE_ORDER, RunState, classify_runs
 
@@ -124,6 +125,8 @@ def format_report(report: dict[str, Any]) -> str:
 def status_reports(target: str, lines: int = 5) -> list[dict[str, Any]]:
     """Reports for ``bench status``: one per sweep of a results folder, or the sweep of a sweep file."""
     path = Path(target).expanduser()
+    if not path.exists() and find_preset(target) is not None:
+        path = find_preset(target)  # type: ignore[assignment]
     if path.is_file():
         spec, _ = build_settings(load_sweep_file(path))
         out = Path(spec.out).expanduser().resolve()
