@@ -41,8 +41,10 @@ def fit_table(rows: Sequence[Sequence[Any]], headers: Sequence[str], width: int 
     """A github table whose LAST column is shortened (``…``) so that every line fits ``width``."""
     from tabulate import tabulate
 
-    fixed = [max([len(str(headers[i])), *(len(str(row[i])) for row in rows)]) + 3 for i in range(len(headers) - 1)]
-    room = max(width - sum(fixed) - 4, len(headers[-1]))
+    # tabulate's github columns: "| " + cell + " " each, a closing "|"; a header gets 2 more spaces of padding.
+    fixed = [max([len(str(headers[i])) + 2, *(len(str(row[i])) for row in rows)]) + 3
+             for i in range(len(headers) - 1)]
+    room = max(width - sum(fixed) - 4, len(headers[-1]) + 2)
     shortened = [[*row[:-1], textwrap.shorten(str(row[-1]), room, placeholder=" …")] for row in rows]
     return tabulate(shortened, headers=list(headers), tablefmt="github", disable_numparse=True)
 
