@@ -164,11 +164,12 @@ def test_every_format_carries_the_published_numbers_and_their_sources(results: P
     reference = PUBLISHED.sources["dfr-readme"].location
     markdown = to_markdown(board, PUBLISHED)
     flat = " ".join(markdown.split())
-    assert "| dfr | waterbirds | 85.0 ± 7.1 | 92.0 ± 0.9 | -7.0† | dfr-readme |" in " ".join(flat.split())
+    assert "| dfr | waterbirds | 85.0 ± 7.1 | 92.0 ± 0.9 | -7.0‡ | dfr-readme |" in " ".join(flat.split())
     assert "n/c: twin" in flat and "Sources of the published numbers: [dfr-readme]" in flat and reference in flat
     assert max(len(line) for line in markdown.splitlines() if line.startswith("|")) <= MARKDOWN_WIDTH
     latex, html = to_latex(board, PUBLISHED), to_html(board, (), PUBLISHED)
     assert "dfr-readme" in latex and "92.0 $\\pm$ 0.9" in latex and "n/c: twin" in latex
+    assert "-7.0\\ddag{}" in latex  # the caveat mark, as a LaTeX command
     assert "dfr-readme" in html and reference in html
     csv_text = to_csv(board, PUBLISHED)
     header = csv_text.splitlines()[0].split(",")

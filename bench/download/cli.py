@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,14 @@ def register(subparsers: dict[str, Any]) -> dict[str, Any]:
     parser.add_argument("--workers", type=int, default=0, help="processes decoding images in the final check")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return {"data download": cmd_download}
+
+
+def print_wrapped(lines: tuple[str, ...] | list[str]) -> None:
+    """Print text lines wrapped at 100 columns, each keeping its own indentation (URLs and paths unbroken)."""
+    for line in lines:
+        indent = line[: len(line) - len(line.lstrip())]
+        print(textwrap.fill(line.strip(), 100, initial_indent=indent, subsequent_indent=indent + "   ",
+                            break_long_words=False, break_on_hyphens=False))
 
 
 def _already_there(release: Release, source: Any, root: Path) -> bool:
@@ -85,8 +94,7 @@ def fetch_files(release: Release, downloads: Path, mirror: str | None, quiet: bo
     """Every file of the release in ``downloads``, fetched where missing and checked: (paths, SHA-256s)."""
     missing = [f.name for f in release.files if f.url is None and not mirror and not (downloads / f.name).exists()]
     if missing:
-        print("\n".join(release.manual_steps))
-        print(f"Downloads folder: {display_path(downloads)}/")
+        print_wrapped([*release.manual_steps, f"Downloads folder: {display_path(downloads)}/"])
         raise DataError(f"{release.dataset}: {', '.join(missing)} not in {display_path(downloads)}/; fetch them as "
                         "described above (no plain download exists) and rerun, or pass --mirror URL")
     paths, digests = {}, {}
@@ -102,7 +110,7 @@ def fetch_files(release: Release, downloads: Path, mirror: str | None, quiet: bo
         digests[file.name] = verify(path, file.md5, release.checksum_origin)
         checked = (f"MD5 as published ({release.checksum_origin})" if file.md5 else
                    f"no published checksum ({release.checksum_origin}); SHA-256 {digests[file.name]}")
-        print(f"{file.name}: {checked}")
+        print_wrapped([f"{file.name}: {checked}"])
         paths[file.name] = path
     return paths, digests
 
@@ -114,7 +122,7 @@ def cmd_download(args: argparse.Namespace) -> int:
     if not source.needs_data_root:
         raise BenchError(f"{args.name} is built in (a synthetic twin, generated offline): nothing to download")
     if args.name == "urbancars":
-        print("\n".join(URBANCARS_STEPS))
+        print_wrapped(URBANCARS_STEPS)
         raise DataError("urbancars is generated, not downloaded: follow the steps above, then run "
                         "`bench data check urbancars --data-root DIR`")
     release = release_for(args.name)

@@ -80,7 +80,7 @@ URBANCARS_SOURCE = ("facebookresearch/Whac-A-Mole scripts/prepare_dataset_models
                     "@ 10946249d30ff0226775bc10b7e31429c279ed3e")
 URBANCARS_STEPS = (
     "UrbanCars is not distributed as images: it is generated from Stanford Cars, LVIS/COCO objects and "
-    f"Places365 backgrounds by facebookresearch/Whac-A-Mole ({URBANCARS_SOURCE}):",
+    f"Places365 backgrounds by the Whac-A-Mole scripts ({URBANCARS_SOURCE}):",
     "  1. git clone https://github.com/facebookresearch/Whac-A-Mole && cd Whac-A-Mole && "
     "pip install -r requirements.txt (it installs detectron2 and CLIP from GitHub)",
     "  2. bash scripts/prepare_dataset_models/create_urbancars.sh: it downloads Stanford Cars, the MaskFormer "

@@ -6,7 +6,7 @@ under the same protocol. Otherwise the cell says why not (:data:`NOT_COMPARED`):
 (never compared with a paper: papers report real images), an "up to" bound, a source that does not
 name the dataset, another kind of average, another selection rule or backbone, an oracle
 selection. A comparison the source leaves partly unstated (its backbone or its selection rule) is
-given, marked ``†``.
+given, marked ``‡``.
 
 A dataset is a synthetic twin when its records say so (``dataset_info["synthetic"]``: the twin's
 name, also for a twin exported in a real dataset's layout; None for real data) or, in records
@@ -25,7 +25,7 @@ from bench.report.aggregate import REFERENCE_METHOD, Leaderboard
 from bench.report.published import GAIN_METRIC, Published, PublishedNumber
 from bench.report.tables import MISSING, UNAVAILABLE, Cell, Table, format_mean_std
 
-CAVEAT = "†"
+CAVEAT = "‡"  # not "†", which marks a method's own caveat in the report's tables
 # status -> (cell text, explanation); the explanation is printed under a table where the status occurs.
 NOT_COMPARED = {
     "twin": ("n/c: twin", "a synthetic twin; the literature reports the real dataset, so no published number is "
@@ -76,7 +76,7 @@ def _base_name(label: str) -> str:
     return label.split(" [")[0]  # "custom [2]": two datasets of one name (bench.report.load)
 
 
-def _our_protocol(board: Leaderboard, dataset: str, method: str) -> str:
+def _our_backbone(board: Leaderboard, dataset: str, method: str) -> str:
     chosen = board.configs[(board.configs["dataset"] == dataset) & (board.configs["method"] == method)]
     return str(chosen.iloc[0]["hparams"].get("backbone", "")) if len(chosen) else ""
 
@@ -93,7 +93,7 @@ def _judge(board: Leaderboard, dataset: str, method: str, number: PublishedNumbe
         return "average", ()
     if number.selection and number.selection != board.rule:
         return "selection", ()
-    backbone = _our_protocol(board, dataset, method)
+    backbone = _our_backbone(board, dataset, method)
     if number.backbone and backbone and number.backbone != backbone:
         return "backbone", ()
     if np.isnan(ours):

@@ -87,7 +87,8 @@ _LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$",
 
 def latex_escape(text: str) -> str:
     escaped = "".join(_LATEX_ESCAPES.get(ch, ch) for ch in text)
-    return escaped.replace("±", r"$\pm$").replace("–", "--").replace("<", r"$<$").replace("`", "")
+    return (escaped.replace("±", r"$\pm$").replace("–", "--").replace("<", r"$<$").replace("`", "")
+            .replace("‡", r"\ddag{}").replace("†", r"\dag{}"))
 
 
 def _latex_cell(cell: Cell) -> str:
