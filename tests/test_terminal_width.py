@@ -91,3 +91,14 @@ def test_report_splits_a_table_wider_than_a_terminal(tmp_path) -> None:
     assert len(headers) > 1  # split into several tables, each with the method column
     assert all(any(name in header for header in headers) for name in names)
     assert all(any(line.startswith(f"| {m} ") for line in worst.splitlines()) for m in ("erm", "groupdro"))
+
+
+def test_a_split_table_fits_when_its_headers_are_wider_than_its_cells() -> None:
+    from bench.report.render import markdown_tables
+    from bench.report.tables import Cell, Table
+
+    headers = [f"a-long-dataset-name-{k} (train-weighted)" for k in range(5)]
+    table = Table("k", "t", ["method", *headers], [[Cell("erm"), *(Cell("1.0") for _ in headers)]])
+    parts = markdown_tables(table)
+    assert len(parts) > 1 and all(len(line) <= WIDTH for part in parts for line in part.splitlines())
+    assert all(part.startswith("| method ") for part in parts)

@@ -96,8 +96,8 @@ def _judge(board: Leaderboard, dataset: str, method: str, number: PublishedNumbe
     backbone = _our_backbone(board, dataset, method)
     if number.backbone and backbone and number.backbone != backbone:
         return "backbone", ()
-    if np.isnan(ours):
-        return "ours_nan", ()
+    if np.isnan(ours):  # a gain is ours over ERM: NaN without ERM runs
+        return ("no_erm" if number.metric == GAIN_METRIC else "ours_nan"), ()
     caveats = tuple(f"the source does not state its {what}" for what, given in
                     (("selection rule", number.selection), ("backbone", number.backbone)) if not given)
     if number.metric == GAIN_METRIC:
@@ -143,8 +143,6 @@ def compare(board: Leaderboard, published: Published) -> list[Comparison]:
                     if metric == GAIN_METRIC and row.method == REFERENCE_METHOD:
                         continue
                     status, caveats = _judge(board, dataset, row.method, number, ours)
-                    if metric == GAIN_METRIC and not status and np.isnan(ours):
-                        status = "no_erm"
                     diff = ours - number.value if not status else None
                     comparisons.append(Comparison(**base, published=number, diff=diff, status=status,
                                                   caveats=caveats if not status else ()))

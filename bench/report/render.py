@@ -50,8 +50,8 @@ def markdown_tables(table: Table, width: int = MARKDOWN_WIDTH) -> list[str]:
     if max(len(line) for line in whole.splitlines()) <= width:
         return [whole]
 
-    def column_width(i: int) -> int:  # github format: "| " + content + " " per column, and a closing "|"
-        return max([len(table.header[i]), *(len(row[i]) for row in rows)]) + 3
+    def column_width(i: int) -> int:  # github format: "| " + content + " " per column, and a closing "|";
+        return max([len(table.header[i]) + 2, *(len(row[i]) for row in rows)]) + 3  # a header: 2 more spaces
 
     keys = list(range(table.keys))
     base = 1 + sum(column_width(i) for i in keys)
