@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from bench.core.errors import BenchError, DataError
+from bench.display import display_path
 
 MAX_LISTED = 5  # unreadable files named in the one-line error (all of them are printed above it)
 
@@ -67,8 +69,10 @@ def _bar(total: int, description: str, quiet: bool) -> Any:
 
 
 def count_table(dataset: Any, published: dict[str, list[int]] | None) -> tuple[str, int]:
-    """The group-count table (found, and published with differences when known) and the number of
-    (group, split) cells that differ from the published counts."""
+    """The group counts found (one column per split, plus any joined split the published counts use, e.g.
+    ``train+val``) and, when they differ from the published counts, a second table of the differing
+    (split, group) cells with both counts; returns the text and the number of differing cells. Both
+    tables fit 100 columns whatever the number of splits."""
     from tabulate import tabulate
 
     found = {split: np.asarray(dataset.group_counts(split)) for split in dataset.splits}
@@ -77,27 +81,24 @@ def count_table(dataset: Any, published: dict[str, list[int]] | None) -> tuple[s
         if key not in found:
             found[key] = sum(found[part] for part in key.split("+"))
             keys.append(key)
-    headers = ["group", "name"]
-    columns: list[list[Any]] = []
-    n_differences = 0
-    for key in keys:
-        headers.append(key)
-        columns.append(found[key].tolist())
-        if published and key in published:
-            expected = np.asarray(published[key])
-            if expected.shape != found[key].shape:
-                raise BenchError(f"published counts of {key} have {len(expected)} groups, the dataset "
-                                 f"{len(found[key])}; the dataset's group definition is not the published one")
-            difference = found[key] - expected
-            n_differences += int(np.count_nonzero(difference))
-            headers += [f"{key} published", f"{key} diff"]
-            columns += [expected.tolist(), [f"{d:+d}" if d else "" for d in difference]]
-    rows = [[g, name] + [column[g] for column in columns] for g, name in enumerate(dataset.group_names)]
-    totals = ["", "total"]
-    for header, column in zip(headers[2:], columns):
-        totals.append("" if header.endswith(" diff") else int(sum(column)))
-    rows.append(totals)
-    return tabulate(rows, headers=headers, tablefmt="github"), n_differences
+    rows = [[g, name] + [int(found[key][g]) for key in keys] for g, name in enumerate(dataset.group_names)]
+    rows.append(["", "total"] + [int(found[key].sum()) for key in keys])
+    text = tabulate(rows, headers=["group", "name", *keys], tablefmt="github")
+    differing = []
+    for key, expected in (published or {}).items():
+        expected = np.asarray(expected)
+        if expected.shape != found[key].shape:
+            raise BenchError(f"published counts of {key} have {len(expected)} groups, the dataset "
+                             f"{len(found[key])}; the dataset's group definition is not the published one")
+        for g in np.flatnonzero(found[key] != expected):
+            difference = int(found[key][g] - expected[g])
+            differing.append([key, int(g), dataset.group_names[g], int(found[key][g]), int(expected[g]),
+                              f"{difference:+d}"])
+    if differing:
+        text += "\n\nCells that differ from the published counts:\n" + tabulate(
+            differing, headers=["split", "group", "name", "found", "published", "diff"], tablefmt="github",
+            disable_numparse=True)
+    return text, len(differing)
 
 
 def image_paths(dataset: Any) -> list[Path]:
@@ -122,7 +123,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     published = published_of(options) if published_of else None
     paths = image_paths(dataset)
     files = dataset.extra.get("image_files")
-    print(f"{dataset.name}" + (f" in {files.root}" if files is not None else "") + f": {len(paths)} image files")
+    print(f"{dataset.name}" + (f" in {display_path(files.root)}" if files is not None else "")
+          + f": {len(paths)} image files")
     table, n_differences = count_table(dataset, published)
     print(table)
     if published is None:
@@ -130,13 +132,13 @@ def cmd_check(args: argparse.Namespace) -> int:
               + (" with these options" if options else "") + ".")
     else:
         origin = getattr(source, "published_origin", "")
-        print(f"Published counts: {origin}." if origin else "")
+        print(textwrap.fill(f"Published counts: {origin}.", 100) if origin else "")
 
     if paths:
         with _bar(len(paths), f"decoding {dataset.name} images", args.quiet) as bar:
             unreadable = find_unreadable(paths, args.workers, bar.update)
         for path, reason in unreadable:
-            print(f"unreadable: {path}: {reason}")
+            print(f"unreadable: {display_path(path)}: {reason}")
         if unreadable:
             listed = "; ".join(f"{path} ({reason})" for path, reason in unreadable[:MAX_LISTED])
             more = f" and {len(unreadable) - MAX_LISTED} more (listed above)" if len(unreadable) > MAX_LISTED else ""
@@ -145,7 +147,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"All {len(paths)} image files decode.")
     if n_differences:
         raise DataError(f"{dataset.name}: group counts differ from the published ones in {n_differences} "
-                        "(group, split) cells (see the diff columns above); the files are not the published release")
+                        "(group, split) cells (listed above); the files are not the published release")
     if published is not None:
         print("Group counts match the published counts.")
     return 0

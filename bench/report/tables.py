@@ -29,11 +29,16 @@ class Cell:
 
 @dataclass
 class Table:
+    """A table as cells; ``keys``: how many leading columns label a row (repeated when a renderer
+    splits a wide table into narrower ones); ``notes`` are one paragraph, ``footnotes`` one each."""
+
     key: str
     title: str
     header: list[str]
     rows: list[list[Cell]]
     notes: list[str] = field(default_factory=list)
+    keys: int = 1
+    footnotes: list[str] = field(default_factory=list)  # one paragraph each (e.g. a source's reference)
 
 
 def _kind_name(kind: str) -> str:
@@ -116,6 +121,9 @@ def build_tables(board: Leaderboard) -> list[Table]:
             tables.append(_metric_set_table(board, dataset, name, common))
     tables.append(_versus_erm_table(board))
     tables.append(_configs_table(board))
+    chosen = _chosen_values_table(board)
+    if chosen.rows:
+        tables.append(chosen)
     return tables
 
 
@@ -186,11 +194,20 @@ def _configs_table(board: Leaderboard) -> Table:
     for config in board.configs.itertuples(index=False):
         score = UNAVAILABLE if np.isnan(config.score) else f"{100 * config.score:.1f}"
         rows.append([Cell(config.dataset), Cell(config.method), Cell(config.config_hash), Cell(str(config.n_seeds)),
-                     Cell(str(config.n_configs)), Cell(score), Cell(config.varying or MISSING)])
+                     Cell(str(config.n_configs)), Cell(score)])
     return Table("configs", _title(board, "Selected configurations"),
-                 ["dataset", "method", "config", "seeds", "configs compared", "score (%)", "chosen values of the "
-                  "hparams that differ"], rows,
-                 [f"score: mean over seeds of {score_text} at the selected epochs (primary predictor)."])
+                 ["dataset", "method", "config", "seeds", "configs compared", "score (%)"], rows,
+                 [f"score: mean over seeds of {score_text} at the selected epochs (primary predictor)."], keys=2)
+
+
+def _chosen_values_table(board: Leaderboard) -> Table:
+    """One row per hparam whose value differs between the configurations compared, with the chosen value."""
+    rows = [[Cell(config.dataset), Cell(config.method), Cell(name), Cell(str(value))]
+            for config in board.configs.itertuples(index=False) for name, value in config.varying_values.items()]
+    return Table("chosen_values", _title(board, "Chosen values of the hparams that differ between configurations"),
+                 ["dataset", "method", "hparam", "chosen value"], rows,
+                 ["Only the hparams whose values differ between the configurations of a (method, dataset)."],
+                 keys=2)
 
 
 def header_lines(board: Leaderboard) -> list[str]:
