@@ -115,6 +115,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise BenchError("--seeds must be at least 1")
     if args.epochs is not None and args.epochs < 1:
         raise BenchError(f"--epochs {args.epochs}: a run trains at least 1 epoch")
+    if args.workers < 0:
+        raise BenchError(f"--workers {args.workers}: give 0 (load images in this process) or more")
     request = RunRequest(
         method=args.method,
         dataset=args.dataset,

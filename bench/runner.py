@@ -301,7 +301,10 @@ def _train_seed(prepared: PreparedRun, seed: int, run_dir: RunDir, quiet: bool) 
     structure = GroupStructure.from_info(info)
     uses_train_groups = method_cls.uses_train_group_labels(prepared.hparams)
     if run_dir.config.exists():  # a resumed run keeps the decision it started with, and its groups
-        recorded = run_dir.read_config()
+        try:
+            recorded = run_dir.read_config()
+        except DataError as error:
+            raise DataError(f"{error}; rerun with --force to restart the run") from None
         check_resumed_groups(run_dir, recorded, info)
         base_run = recorded.get("base_run")
     else:

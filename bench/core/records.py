@@ -46,10 +46,12 @@ _READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
 class RecordWriteError(BenchError):
     """A record could not be written: the file system refused (full, read-only, no permission)."""
 
-    def __init__(self, path: Path, error: BaseException) -> None:
+    def __init__(self, path: Path, error: BaseException, stopped_short: bool = False) -> None:
         reason = getattr(error, "strerror", None) or str(error).strip().splitlines()[-1]
         code = getattr(error, "errno", None)
-        if code in _FULL:
+        if stopped_short:  # torch's writer reports no errno; a write that stops short is most likely a full disk
+            reason = f"the write stopped short, most likely a full disk: {reason}"
+        if code in _FULL or stopped_short:
             hint = "free some space, or pass another --out"
         elif code in _READ_ONLY:
             hint = "pass a folder you can write to as --out"
@@ -103,7 +105,7 @@ def atomic_torch_save(path: Path, obj: Any) -> None:
         try:
             torch.save(obj, tmp)
         except RuntimeError as error:  # torch's file writer reports a failed write (a full disk) this way
-            raise RecordWriteError(Path(path), error) from None
+            raise RecordWriteError(Path(path), error, stopped_short=True) from None
 
 
 def append_jsonl(path: Path, obj: Any) -> str:
