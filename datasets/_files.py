@@ -403,12 +403,10 @@ def stat_split_files(
     root: Path, split_relpaths: dict[str, list[str]], where: Callable[[str, int], str] | None = None
 ) -> ImageFiles:
     """Check every listed image file (DataError naming the file and its row otherwise): it exists, is a
-    regular file, and lies inside ``root`` (no absolute path, no ``..`` out of it, no symbolic link out of
-    it unless ``$BENCH_FOLLOW_SYMLINKS=1``). Collects the size and modification time of each distinct
-    file, and warns on stderr when one file is listed in more than one split (train/test leakage)."""
-    follow_links = os.environ.get(FOLLOW_SYMLINKS_ENV, "").strip().lower() in TRUE_WORDS
-    real_root = os.path.realpath(root)
-    real_folders: dict[str, str] = {}
+    regular file, and lies inside ``root`` (:class:`ConfinedFiles`). Collects the size and modification
+    time of each distinct file, and warns on stderr when one file is listed in more than one split
+    (train/test leakage)."""
+    confined = ConfinedFiles(root)
     seen: dict[str, os.stat_result] = {}
     first_split: dict[tuple[int, int], tuple[str, str]] = {}  # (device, inode) -> (split, relpath) first seen
     leaks: dict[tuple[int, int], tuple[str, str, str]] = {}  # files in two splits: (relpath, split, other split)
@@ -416,18 +414,13 @@ def stat_split_files(
         for i, relpath in enumerate(relpaths):
             if relpath not in seen:
                 prefix = f"{where(split, i)}: " if where else ""
-                path = root / relpath
-                outside = _outside_root(relpath, path, real_root, real_folders, follow_links)
+                info, outside = confined.stat(relpath)
                 if outside:
                     raise DataError(f"{prefix}image file {relpath} {outside}; image paths must stay inside the "
                                     f"dataset folder {root}")
-                try:
-                    info = os.stat(path)
-                except OSError:
-                    info = None
                 if info is None or not stat.S_ISREG(info.st_mode):
                     problem = "not found" if info is None else "is not a file"
-                    raise DataError(f"{prefix}image file {path} {problem}")
+                    raise DataError(f"{prefix}image file {root / relpath} {problem}")
                 seen[relpath] = info
             # The same file under two names (a link, a/../a) is the same file: compare by inode.
             key = (seen[relpath].st_dev, seen[relpath].st_ino)
@@ -442,31 +435,49 @@ def stat_split_files(
     return ImageFiles(root, relpaths, [seen[r].st_size for r in relpaths], [seen[r].st_mtime_ns for r in relpaths])
 
 
-def _outside_root(relpath: str, path: Path, real_root: str, real_folders: dict[str, str],
-                  follow_links: bool) -> str | None:
-    """Why ``path`` (``relpath`` under the root) is outside the root, or None. Only the file's folder is
-    resolved (once per folder) and the file itself when it is a link, so this costs one lstat per file."""
-    normal = os.path.normpath(relpath)
-    if os.path.isabs(relpath):
-        return "is an absolute path"
-    if normal == ".." or normal.startswith("../"):
-        return "climbs out of the dataset folder (..)"
-    if follow_links:
-        return None
-    folder = str(path.parent)
-    if folder not in real_folders:
-        real_folders[folder] = os.path.realpath(folder)
-    targets = [real_folders[folder]]
-    try:
-        if stat.S_ISLNK(os.lstat(path).st_mode):
-            targets.append(os.path.realpath(path))
-    except OSError:
-        return None  # missing: reported as not found
-    for target in targets:
-        if os.path.commonpath([real_root, target]) != real_root:
-            return (f"is reached through a symbolic link to {target}, outside the dataset folder (set "
-                    f"{FOLLOW_SYMLINKS_ENV}=1 to follow links you trust)")
-    return None
+class ConfinedFiles:
+    """Stats files by their path relative to a dataset folder, refusing any that leads out of it: an
+    absolute path, ``..`` out of it, or a symbolic link (to the file, or through a folder) out of it unless
+    ``$BENCH_FOLLOW_SYMLINKS=1``. One ``lstat`` per file; each folder is resolved once."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = str(root)
+        self.real_prefix = os.path.realpath(root).rstrip(os.sep) + os.sep
+        self.follow_links = os.environ.get(FOLLOW_SYMLINKS_ENV, "").strip().lower() in TRUE_WORDS
+        self._folder_problems: dict[str, str | None] = {}
+
+    def stat(self, relpath: str) -> tuple[os.stat_result | None, str | None]:
+        """(the file's stat, or None when it does not exist; why it is outside the folder, or None)."""
+        if os.path.isabs(relpath):
+            return None, "is an absolute path"
+        normal = os.path.normpath(relpath)
+        if normal == os.pardir or normal.startswith(os.pardir + os.sep):
+            return None, "climbs out of the dataset folder (..)"
+        path = os.path.join(self.root, relpath)
+        try:
+            info: os.stat_result | None = os.lstat(path)
+        except OSError:
+            info = None
+        is_link = info is not None and stat.S_ISLNK(info.st_mode)
+        if not self.follow_links:
+            folder = os.path.dirname(normal)
+            if folder not in self._folder_problems:
+                self._folder_problems[folder] = self._problem(os.path.realpath(os.path.join(self.root, folder)))
+            problem = self._folder_problems[folder] or (self._problem(os.path.realpath(path)) if is_link else None)
+            if problem:
+                return None, problem
+        if is_link:
+            try:
+                info = os.stat(path)
+            except OSError:
+                info = None  # a dangling link: not found
+        return info, None
+
+    def _problem(self, target: str) -> str | None:
+        if (target + os.sep).startswith(self.real_prefix):
+            return None
+        return (f"is reached through a symbolic link to {target}, outside the dataset folder (set "
+                f"{FOLLOW_SYMLINKS_ENV}=1 to follow links you trust)")
 
 
 def data_fingerprint(folder: Path, index_files: Sequence[Path], files: ImageFiles) -> str:
