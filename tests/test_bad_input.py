@@ -69,6 +69,19 @@ class Context:
         assert old in path.read_text()
         path.write_text(path.read_text().replace(old, new, 1))
 
+    def image_outside(self) -> Path:
+        """A good image outside the dataset folder."""
+        return Path(shutil.copyfile(self.data / TRAIN_IMAGE, self.tmp / "x.png"))
+
+    def list_instead_of_train_image(self, filename: str, write: Callable[[Path], object] | None = None) -> list[str]:
+        """A command on a copy of the dataset whose metadata.csv names ``filename`` in a training row
+        (``write(path)`` makes that file in the copy)."""
+        root = self.data_copy()
+        self.edit_metadata(root, f"{TRAIN_IMAGE},", f"{filename},")
+        if write is not None:
+            write(root / filename)
+        return self.run(root)
+
     def resumable_run(self) -> Path:
         """The finished run copied to this case's --out without its final.json: a run to resume."""
         shutil.copytree(self.done, self.tmp / "out")
@@ -142,12 +155,12 @@ def image_is_text_named_png(ctx: Context) -> list[str]:
 
 @case
 def image_truncated_jpeg(ctx: Context) -> list[str]:
-    root = ctx.data_copy()
-    jpeg = root / "img" / "cut.jpg"
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(jpeg, quality=95)
-    jpeg.write_bytes(jpeg.read_bytes()[:600])
-    ctx.edit_metadata(root, f"{TRAIN_IMAGE},", "img/cut.jpg,")
-    return ctx.run(root)
+    def write(path: Path) -> None:
+        pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(path, quality=95)
+        path.write_bytes(path.read_bytes()[:600])
+
+    return ctx.list_instead_of_train_image("img/cut.jpg", write)
 
 
 @case
@@ -159,41 +172,31 @@ def image_decompression_bomb(ctx: Context) -> list[str]:
 
 @case
 def image_floating_point_tiff(ctx: Context) -> list[str]:
-    root = ctx.data_copy()
-    Image.fromarray(np.ones((16, 16), dtype=np.float32)).save(root / "img" / "float.tiff")
-    ctx.edit_metadata(root, f"{TRAIN_IMAGE},", "img/float.tiff,")
-    return ctx.run(root)
+    return ctx.list_instead_of_train_image("img/float.tiff",
+                                           lambda path: Image.fromarray(np.ones((16, 16), np.float32)).save(path))
 
 
 @case
 def image_path_climbs_out(ctx: Context) -> list[str]:
-    root = ctx.data_copy()
-    shutil.copyfile(root / TRAIN_IMAGE, ctx.tmp / "x.png")
-    ctx.edit_metadata(root, f"{TRAIN_IMAGE},", "../x.png,")
-    return ctx.run(root)
+    ctx.image_outside()
+    return ctx.list_instead_of_train_image("../x.png")
 
 
 @case
 def image_path_climbs_far_out(ctx: Context) -> list[str]:
-    root = ctx.data_copy()
-    ctx.edit_metadata(root, f"{TRAIN_IMAGE},", "../../x.png,")
-    return ctx.run(root)
+    return ctx.list_instead_of_train_image("../../x.png")
 
 
 @case
 def image_path_absolute(ctx: Context) -> list[str]:
-    root = ctx.data_copy()
-    shutil.copyfile(root / TRAIN_IMAGE, ctx.tmp / "x.png")
-    ctx.edit_metadata(root, f"{TRAIN_IMAGE},", f"{ctx.tmp / 'x.png'},")
-    return ctx.run(root)
+    return ctx.list_instead_of_train_image(str(ctx.image_outside()))
 
 
 @case
 def image_symlink_outside(ctx: Context) -> list[str]:
     root = ctx.data_copy()
-    shutil.copyfile(root / TRAIN_IMAGE, ctx.tmp / "x.png")
     (root / TRAIN_IMAGE).unlink()
-    (root / TRAIN_IMAGE).symlink_to(ctx.tmp / "x.png")
+    (root / TRAIN_IMAGE).symlink_to(ctx.image_outside())
     return ctx.run(root)
 
 
@@ -275,9 +278,27 @@ def hparam_unknown(ctx: Context) -> list[str]:
     return ctx.run(hparams=(*HPARAMS, "learning_rate=0.1"))
 
 
-@case
-def data_option_unknown(ctx: Context) -> list[str]:
-    return ctx.run(None, "--data-option", "colour=red")
+# name -> flags added to a good command
+BAD_FLAGS: dict[str, tuple[str, ...]] = {
+    "data_option_unknown": ("--data-option", "colour=red"),
+    "data_option_given_twice": ("--data-option", "image_size=16", "image_size=20"),
+    "data_option_without_value": ("--data-option", "average"),
+    "data_option_image_size_not_a_number": ("--data-option", "image_size=big"),
+    "data_option_n_classes_not_a_number": ("--data-option", "n_classes=two"),
+    "attrs_not_a_column": ("--attrs", "shape"),
+    "seeds_zero": ("--seeds", "0"),
+    "workers_negative": ("--workers", "-1"),
+    "device_unknown": ("--device", "tpu9"),
+    "weights_missing": ("--weights", "no-such-folder/none.pt"),
+}
+
+
+def _with_flags(flags: tuple[str, ...]) -> Callable[[Context], list[str]]:
+    return lambda ctx: ctx.run(None, *flags)
+
+
+for _name, _flags in BAD_FLAGS.items():
+    CASES[_name] = _with_flags(_flags)
 
 
 @case
@@ -287,118 +308,49 @@ def data_option_unknown_for_a_twin(ctx: Context) -> list[str]:
     return args
 
 
-@case
-def data_option_given_twice(ctx: Context) -> list[str]:
-    return ctx.run(None, "--data-option", "image_size=16", "image_size=20")
-
-
-@case
-def data_option_without_value(ctx: Context) -> list[str]:
-    return ctx.run(None, "--data-option", "average")
-
-
-@case
-def data_option_image_size_not_a_number(ctx: Context) -> list[str]:
-    return ctx.run(None, "--data-option", "image_size=big")
-
-
-@case
-def data_option_n_classes_not_a_number(ctx: Context) -> list[str]:
-    return ctx.run(None, "--data-option", "n_classes=two")
-
-
-@case
-def attrs_not_a_column(ctx: Context) -> list[str]:
-    return ctx.run(None, "--attrs", "shape")
-
-
-@case
-def seeds_zero(ctx: Context) -> list[str]:
-    return ctx.run(None, "--seeds", "0")
-
-
-@case
-def workers_negative(ctx: Context) -> list[str]:
-    return ctx.run(None, "--workers", "-1")
-
-
-@case
-def device_unknown(ctx: Context) -> list[str]:
-    return ctx.run(None, "--device", "tpu9")
-
-
-@case
-def weights_missing(ctx: Context) -> list[str]:
-    return ctx.run(None, "--weights", str(ctx.tmp / "none.pt"))
-
-
 # -- damaged run folders, then a rerun ----------------------------------------------------------------
 
 
-@case
-def checkpoint_empty(ctx: Context) -> list[str]:
-    (ctx.resumable_run() / "checkpoint.pt").write_bytes(b"")
-    return ctx.run()
+def _keep_first_line(path: Path) -> None:
+    path.write_text(path.read_text().splitlines(keepends=True)[0])
 
 
-@case
-def checkpoint_not_a_checkpoint(ctx: Context) -> list[str]:
-    (ctx.resumable_run() / "checkpoint.pt").write_text("12345 not a checkpoint\n")
-    return ctx.run()
+def _garble_first_line(path: Path) -> None:
+    first, second = path.read_text().splitlines(keepends=True)
+    path.write_text(first[:40] + "\n" + second)
 
 
-@case
-def checkpoint_of_something_else(ctx: Context) -> list[str]:
-    torch.save({"model": torch.zeros(3)}, ctx.resumable_run() / "checkpoint.pt")
-    return ctx.run()
-
-
-@case
-def final_json_garbage(ctx: Context) -> list[str]:
-    (ctx.resumable_run() / "final.json").write_text("{garbage")
-    return ctx.run()
-
-
-@case
-def final_json_not_an_object(ctx: Context) -> list[str]:
-    (ctx.resumable_run() / "final.json").write_text("[1, 2]\n")
-    return ctx.run()
-
-
-@case
-def metrics_deleted_after_the_checkpoint(ctx: Context) -> list[str]:
-    (ctx.resumable_run() / "metrics.jsonl").unlink()
-    return ctx.run()
-
-
-@case
-def metrics_truncated_after_the_checkpoint(ctx: Context) -> list[str]:
-    metrics = ctx.resumable_run() / "metrics.jsonl"
-    metrics.write_text(metrics.read_text().splitlines(keepends=True)[0])
-    return ctx.run()
-
-
-@case
-def metrics_line_garbled(ctx: Context) -> list[str]:
-    metrics = ctx.resumable_run() / "metrics.jsonl"
-    first, second = metrics.read_text().splitlines(keepends=True)
-    metrics.write_text(first[:40] + "\n" + second)
-    return ctx.run()
-
-
-@case
-def config_json_garbage(ctx: Context) -> list[str]:
-    (ctx.resumable_run() / "config.json").write_text("{")
-    return ctx.run()
-
-
-@case
-def config_groups_differ(ctx: Context) -> list[str]:
-    config_path = ctx.resumable_run() / "config.json"
-    config = json.loads(config_path.read_text())
+def _reverse_group_names(path: Path) -> None:
+    config = json.loads(path.read_text())
     config["dataset_info"]["group_names"] = list(reversed(config["dataset_info"]["group_names"]))
-    config_path.write_text(json.dumps(config))
-    return ctx.run()
+    path.write_text(json.dumps(config))
+
+
+# name -> (file of the resumable run, what is done to it)
+DAMAGES: dict[str, tuple[str, Callable[[Path], object]]] = {
+    "checkpoint_empty": ("checkpoint.pt", lambda p: p.write_bytes(b"")),
+    "checkpoint_not_a_checkpoint": ("checkpoint.pt", lambda p: p.write_text("12345 not a checkpoint\n")),
+    "checkpoint_of_something_else": ("checkpoint.pt", lambda p: torch.save({"model": torch.zeros(3)}, p)),
+    "final_json_garbage": ("final.json", lambda p: p.write_text("{garbage")),
+    "final_json_not_an_object": ("final.json", lambda p: p.write_text("[1, 2]\n")),
+    "metrics_deleted_after_the_checkpoint": ("metrics.jsonl", Path.unlink),
+    "metrics_truncated_after_the_checkpoint": ("metrics.jsonl", _keep_first_line),
+    "metrics_line_garbled": ("metrics.jsonl", _garble_first_line),
+    "config_json_garbage": ("config.json", lambda p: p.write_text("{")),
+    "config_groups_differ": ("config.json", _reverse_group_names),
+}
+
+
+def _damaged_run(file_name: str, damage: Callable[[Path], object]) -> Callable[[Context], list[str]]:
+    def setup(ctx: Context) -> list[str]:
+        damage(ctx.resumable_run() / file_name)
+        return ctx.run()
+
+    return setup
+
+
+for _name, (_file_name, _damage) in DAMAGES.items():
+    CASES[_name] = _damaged_run(_file_name, _damage)
 
 
 @case
