@@ -1,7 +1,10 @@
 """The ``bench`` command line: ``bench run``, and the subcommands of :data:`COMMAND_MODULES`.
 
 User errors (unknown names, bad hparams, missing or malformed data) print one line starting with
-``error:`` and exit with status 2, before anything is written to disk.
+``error:`` and exit with status 2, before anything is written to disk; one met while training (an
+unreadable image, a damaged record) exits the same way, with the run marked failed (failed.json).
+A seed another process is training stops ``bench run`` with status 2 naming that process (``--wait``
+waits for it instead).
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ def _parse_kv(items: Sequence[str] | None) -> dict[str, str]:
         if "=" not in item:
             raise BenchError(f"--data-option {item!r}: expected key=value")
         key, value = item.split("=", 1)
+        if key in result:
+            raise BenchError(f"--data-option {key} is given twice ({result[key]!r} and {value!r}); give it once")
         result[key] = value
     return result
 
@@ -69,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--select", default=DEFAULT_RULE, choices=[r for r in RULES if r != "oracle-test"],
                      help=f"model selection rule for the printed table (default {DEFAULT_RULE})")
     run.add_argument("--force", action="store_true", help="rerun seeds that are already done")
+    run.add_argument("--wait", action="store_true",
+                     help="when another process is training a seed, wait for it instead of stopping (exit 2)")
     run.add_argument("--quiet", action="store_true", help="no progress output")
     run.add_argument("--json", action="store_true", help="print the final results as JSON instead of a table")
 
@@ -89,6 +96,8 @@ def _command_handlers(subparsers: Any) -> dict[str, Any]:
 def _dataset_options(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = _parse_kv(args.data_option)
     if getattr(args, "attrs", None):
+        if "attrs" in options and options["attrs"] != args.attrs:
+            raise BenchError(f"--attrs {args.attrs} and --data-option attrs={options['attrs']} disagree; give one")
         options["attrs"] = args.attrs
     return options
 
@@ -98,6 +107,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.seeds < 1:
         raise BenchError("--seeds must be at least 1")
+    if args.epochs is not None and args.epochs < 1:
+        raise BenchError(f"--epochs {args.epochs}: a run trains at least 1 epoch")
+    if args.workers < 0:
+        raise BenchError(f"--workers {args.workers}: give 0 (load images in this process) or more")
     request = RunRequest(
         method=args.method,
         dataset=args.dataset,
@@ -111,6 +124,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         device=args.device,
         workers=args.workers,
         deterministic=args.deterministic,
+        wait=args.wait,
     )
     prepared = prepare(request)
     if not args.quiet:

@@ -2,12 +2,16 @@
 
 Used by ``bench run`` (seeds one after another in this process) and by sweeps (one run per job).
 Everything that can be wrong with the user's input is checked in :func:`prepare` before any file
-is written, so bad input leaves nothing half-written on disk.
+is written, so bad input leaves nothing half-written on disk. A run is trained under its lock
+(``bench.run_lock.hold_run``); a user error met while training (an unreadable image, a damaged
+checkpoint or metrics file) is recorded in failed.json before it is raised, so that a run never
+looks resumable or done when it is neither.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import platform
 import subprocess
 import sys
@@ -23,9 +27,10 @@ from bench.core import records
 from bench.core.artifacts import ArtifactStore
 from bench.core.backbones import INPUT_SIZE, build_backbone
 from bench.core.device_data import DeviceData
-from bench.core.errors import ConfigError, DataError
+from bench.core.errors import BenchError, ConfigError, DataError
 from bench.core.metrics import GroupStructure
 from bench.core.records import RunDir
+from bench.run_lock import describe_holder, hold_run
 from bench.trainer import (
     NonFiniteLossError,
     Progress,
@@ -71,6 +76,8 @@ class RunRequest:
     # Deterministic GPU kernels only (bench.trainer.use_deterministic_kernels). Not part of the run's
     # identity: it changes how the numbers are computed, not what is computed; recorded in config.json.
     deterministic: bool = False
+    # Wait for another process that holds a run's lock instead of stopping with an error.
+    wait: bool = False
 
 
 @dataclass
@@ -90,9 +97,15 @@ class PreparedRun:
 
 
 def run_identity(request: RunRequest) -> dict[str, Any]:
-    """What defines the run (hence its folder), resolved and validated without loading data or building
-    a model, so that sweeps can plan thousands of runs in seconds. Sets ``dataset_options["image_size"]``
-    as :func:`prepare` does."""
+    """What defines the run (hence its folder), resolved and validated without building a model, so that
+    sweeps can plan thousands of runs in seconds. Sets ``dataset_options["image_size"]`` as :func:`prepare`
+    does.
+
+    The identity covers the data the run reads: a synthetic twin's ``data_version`` (the code that
+    generates it), and for a dataset read from files its ``data_fingerprint`` (the index files' content,
+    every image file's path, size and modification time). The fingerprint needs the dataset loaded;
+    ``datasets.load_dataset`` memoises that per process, so a sweep loads each dataset once.
+    """
     method_cls = get_method(request.method)
     source = get_dataset(request.dataset)
     overrides: dict[str, Any] = parse_overrides(request.hparam_overrides)
@@ -113,6 +126,7 @@ def run_identity(request: RunRequest) -> dict[str, Any]:
         request.dataset_options.setdefault(key, value)
     if source.accepts_image_size:
         request.dataset_options.setdefault("image_size", INPUT_SIZE[hparams["backbone"]])
+    source.check_options(request.dataset_options)
     weights = Path(request.weights).expanduser().resolve() if request.weights else None
     identity = {
         "method": request.method,
@@ -121,16 +135,34 @@ def run_identity(request: RunRequest) -> dict[str, Any]:
         "hparams": hparams,
         "weights": str(weights) if weights else None,
     }
-    # Only where a source has one, so that the identities of datasets read from files stay as they were.
     if data_version := source.data_version():
         identity["data_version"] = data_version
+    if source.needs_data_root:
+        dataset = load_dataset(request.dataset, request.data_root, request.dataset_options)
+        identity["data_fingerprint"] = dataset.data_fingerprint
     return identity
+
+
+def check_out_folder(out: str | Path) -> None:
+    """ConfigError unless ``out`` is (or can be made) a folder this process can write in; writes nothing."""
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out {out}: is a file, not a folder; pass the folder to write the results in")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"--out {out}: {existing} is a file, not a folder; pass another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: cannot write in {existing} (read-only file system or no permission); "
+                          "pass a folder you can write to")
 
 
 def prepare(request: RunRequest) -> PreparedRun:
     """Resolve and validate a request; loads the dataset and builds the model once to fail early."""
     identity = run_identity(request)
     hparams = identity["hparams"]
+    check_out_folder(request.out)
     dataset = load_dataset(request.dataset, request.data_root, request.dataset_options)
     if get_method(request.method).uses_spurious_masks(hparams) and not dataset.has_spurious_masks:
         raise ConfigError(f"method {request.method} needs the spurious-region masks that only some synthetic twins "
@@ -201,27 +233,84 @@ def _base_run(run_dir: RunDir, out: str, decided: str | None) -> BaseRun | None:
     return BaseRun(source=decided, load_state=load_state)
 
 
-def execute(prepared: PreparedRun, seed: int, quiet: bool = False, force: bool = False) -> dict[str, Any]:
-    """Train one seed (or return its finished result); writes the run folder. Returns final.json's content,
-    or a failure record (also written as failed.json) if training raised."""
-    request = prepared.request
-    run_dir = prepared.run_dir(seed)
-    if run_dir.is_done() and not force:
-        return {**run_dir.read_final(), "skipped": True}
-    if force and run_dir.path.exists():
-        for name in (records.FINAL_FILE, records.FAILED_FILE, records.CHECKPOINT_FILE, records.METRICS_FILE,
-                     records.CONFIG_FILE):
-            (run_dir.path / name).unlink(missing_ok=True)
-    run_dir.failed.unlink(missing_ok=True)
+# What a resumed run must find in config.json as the dataset gives it now: the group structure its
+# records count under (the names of classes, attribute values and groups, in order) and the counts.
+RESUME_CHECKED_INFO = ("class_names", "attr_names", "attr_value_names", "group_names", "group_counts")
 
+
+def check_resumed_groups(run_dir: RunDir, recorded: dict[str, Any], info: dict[str, Any]) -> None:
+    """DataError when the dataset's groups differ from those the run started with (its config.json)."""
+    started = recorded.get("dataset_info") or {}
+    for key in RESUME_CHECKED_INFO:
+        if key in started and started[key] != info[key]:
+            raise DataError(
+                f"{run_dir.config}: the dataset's {key.replace('_', ' ')} are now {_brief(info[key])}, but this run "
+                f"started with {_brief(started[key])}; its records would count under the wrong groups, so it "
+                "cannot resume: rerun with --force to restart it")
+
+
+def _brief(value: Any, limit: int = 120) -> str:
+    text = records.canonical_json(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def finished_result(run_dir: RunDir) -> dict[str, Any] | None:
+    """final.json's content marked ``skipped`` when the run is done; None when it is not; DataError when
+    a final.json is there but does not record a finished run."""
+    problem = run_dir.final_problem()
+    if problem is not None:
+        raise DataError(f"{problem}; the run's result is lost: rerun with --force to train it again")
+    return {**run_dir.read_final(), "skipped": True} if run_dir.is_done() else None
+
+
+def execute(prepared: PreparedRun, seed: int, quiet: bool = False, force: bool = False) -> dict[str, Any]:
+    """Train one seed (or return its finished result) under the run's lock; writes the run folder.
+
+    Returns final.json's content, or a failure record (also written as failed.json) if training raised.
+    A user error (BenchError) met while training is written as failed.json too, then raised.
+    RunHeldError when another live process trains the run (unless the request says to wait).
+    """
+    run_dir = prepared.run_dir(seed)
+    if not force and (done := finished_result(run_dir)) is not None:
+        return done
+
+    def say_waiting(holder: dict[str, Any]) -> None:
+        print(f"seed {seed}: waiting for {describe_holder(holder)}, which is training this run", file=sys.stderr)
+
+    with hold_run(run_dir, wait=prepared.request.wait, on_wait=say_waiting):
+        if not force and (done := finished_result(run_dir)) is not None:  # finished while we waited
+            return done
+        if force:
+            for name in (records.FINAL_FILE, records.FAILED_FILE, records.CHECKPOINT_FILE, records.METRICS_FILE,
+                         records.CONFIG_FILE):
+                (run_dir.path / name).unlink(missing_ok=True)
+        run_dir.failed.unlink(missing_ok=True)
+        records.remove_temporaries(run_dir.path)  # left by a writer that was killed; we hold the lock
+        try:
+            return _train_seed(prepared, seed, run_dir, quiet)
+        except BenchError as error:
+            try:
+                records.atomic_write_json(run_dir.failed, failure_record(error))
+            except BenchError:
+                pass  # the file system refuses writes; the error raised says why
+            raise
+
+
+def _train_seed(prepared: PreparedRun, seed: int, run_dir: RunDir, quiet: bool) -> dict[str, Any]:
+    request = prepared.request
     dataset = load_dataset(request.dataset, request.data_root, request.dataset_options)
     method_cls = get_method(request.method)
     info = dataset.info()
     structure = GroupStructure.from_info(info)
     uses_train_groups = method_cls.uses_train_group_labels(prepared.hparams)
     uses_masks = method_cls.uses_spurious_masks(prepared.hparams)
-    if run_dir.config.exists():  # a resumed run keeps the decision it started with
-        base_run = run_dir.read_config().get("base_run")
+    if run_dir.config.exists():  # a resumed run keeps the decision it started with, and its groups
+        try:
+            recorded = run_dir.read_config()
+        except DataError as error:
+            raise DataError(f"{error}; rerun with --force to restart the run") from None
+        check_resumed_groups(run_dir, recorded, info)
+        base_run = recorded.get("base_run")
     else:
         found = find_base_run(prepared, seed)
         base_run = str(found.path.relative_to(request.out)) if found is not None else None

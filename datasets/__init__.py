@@ -26,6 +26,9 @@ class DatasetSource:
     needs_data_root: ClassVar[bool] = False  # False for the synthetic twins
     # True when the images are resized on load to the backbone's input size (option "image_size").
     accepts_image_size: ClassVar[bool] = False
+    # The ``--data-option`` keys this dataset understands (besides image_size); anything else is a typo,
+    # refused rather than ignored (it would still change the run's identity).
+    option_names: ClassVar[tuple[str, ...]] = ()
     # Where a user obtains the files (shown when they are missing).
     obtain_hint: ClassVar[str] = ""
     # Training protocol defaults of this dataset (backbone, optimiser, lr, ...), with their origin.
@@ -36,6 +39,15 @@ class DatasetSource:
     def locate(cls, data_root: Path | None) -> Path | None:
         """The folder holding this dataset's files, or None when it is not found."""
         return None
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> None:
+        """ConfigError naming an option this dataset does not understand."""
+        known = (*(("image_size",) if cls.accepts_image_size else ()), *cls.option_names)
+        for key in options:
+            if key not in known:
+                raise ConfigError(f"--data-option {key}: not an option of {cls.name}; "
+                                  + (f"known: {', '.join(known)}" if known else "it takes none"))
 
     @classmethod
     def load(cls, data_root: Path | None, options: dict[str, Any]) -> SpuriousDataset:

@@ -650,6 +650,7 @@ class SyntheticTwinSource(DatasetSource):
 
     spec: ClassVar[TwinSpec]
     needs_data_root = False
+    option_names: ClassVar[tuple[str, ...]] = ("data_seed",)
     training_defaults: ClassVar[dict[str, Any]] = TWIN_TRAINING_DEFAULTS
 
     @staticmethod
@@ -658,6 +659,7 @@ class SyntheticTwinSource(DatasetSource):
 
     @classmethod
     def load(cls, data_root: Any, options: dict[str, Any]) -> SpuriousDataset:
+        cls.check_options(options)
         return load_twin(cls.spec, options, cls.generate_split)
 
     @classmethod

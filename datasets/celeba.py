@@ -45,7 +45,7 @@ import torch
 from bench.core.dataset import IMAGENET_MEAN, IMAGENET_STD, SPLITS, SpuriousDataset, make_split
 from bench.core.errors import ConfigError, DataError
 from datasets import register_dataset
-from datasets._files import FileDatasetSource, ImagePipeline, split_images
+from datasets._files import FileDatasetSource, ImagePipeline, data_fingerprint, split_images
 
 DEFAULT_TARGET = "Blond_Hair"
 DEFAULT_ATTRS = ("Male",)
@@ -253,6 +253,7 @@ class CelebA(FileDatasetSource):
             mean=IMAGENET_MEAN,
             std=IMAGENET_STD,
             description=f"CelebA from {folder}, target {target}, spurious {', '.join(attrs)}; {pipeline.describe()}",
+            data_fingerprint=data_fingerprint(folder, [attr_path, partition_path], extra["image_files"]),
             extra={**extra, "target": target},
         )
 

@@ -50,7 +50,7 @@ import torch
 from bench.core.dataset import IMAGENET_MEAN, IMAGENET_STD, SPLITS, SpuriousDataset, make_split
 from bench.core.errors import ConfigError, DataError
 from datasets import register_dataset
-from datasets._files import FileDatasetSource, ImagePipeline, split_images
+from datasets._files import FileDatasetSource, ImagePipeline, data_fingerprint, split_images
 
 CLASSES = ("bulldog", "corgi", "dachshund", "labrador")
 LOCATIONS = ("desert", "jungle", "dirt", "mountain", "snow", "beach")
@@ -244,6 +244,7 @@ def load_challenge(name: str, challenge: str, folder: Path, pipeline: ImagePipel
         std=IMAGENET_STD,
         description=f"Spawrious {challenge} from {folder}; val = {val_fraction} of train (seed {val_seed}); "
                     f"{pipeline.describe()}",
+        data_fingerprint=data_fingerprint(folder, [], extra["image_files"]),  # labels: the folder names
         extra=extra,
     )
 

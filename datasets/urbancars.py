@@ -36,7 +36,7 @@ import torch
 from bench.core.dataset import IMAGENET_MEAN, IMAGENET_STD, SPLITS, SpuriousDataset, make_split
 from bench.core.errors import DataError
 from datasets import register_dataset
-from datasets._files import FileDatasetSource, ImagePipeline, split_images
+from datasets._files import FileDatasetSource, ImagePipeline, data_fingerprint, split_images
 
 CATEGORIES = ("urban", "country")
 SPLIT_FOLDERS = {
@@ -128,5 +128,6 @@ class UrbanCars(FileDatasetSource):
             mean=IMAGENET_MEAN,
             std=IMAGENET_STD,
             description=f"UrbanCars from {folder}; {pipeline.describe()}",
+            data_fingerprint=data_fingerprint(folder, [], extra["image_files"]),  # labels: the folder names
             extra=extra,
         )

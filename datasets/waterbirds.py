@@ -42,7 +42,7 @@ import torch
 from bench.core.dataset import IMAGENET_MEAN, IMAGENET_STD, SPLITS, SpuriousDataset, make_split
 from bench.core.errors import DataError
 from datasets import register_dataset
-from datasets._files import FileDatasetSource, ImagePipeline, split_images
+from datasets._files import FileDatasetSource, ImagePipeline, data_fingerprint, split_images
 
 METADATA = "metadata.csv"
 REQUIRED_COLUMNS = ("img_filename", "y", "split", "place")
@@ -149,5 +149,6 @@ class Waterbirds(FileDatasetSource):
             mean=IMAGENET_MEAN,
             std=IMAGENET_STD,
             description=f"Waterbirds from {folder}; {pipeline.describe()}",
+            data_fingerprint=data_fingerprint(folder, [csv_path], extra["image_files"]),
             extra=extra,
         )

@@ -122,7 +122,7 @@ TRAINING_HPARAMS: dict[str, Hparam] = {
     "weight_decay": Hparam(1e-4, "L2 weight decay (torch convention)", float, low=0.0, search=log_uniform(-6, -2)),
     "momentum": Hparam(0.9, "SGD momentum (ignored by Adam)", float, low=0.0, high=1.0),
     "batch_size": Hparam(128, "training batch size", int, low=1, search=one_of(32, 64, 128)),
-    "epochs": Hparam(10, "training epochs (of the main stage)", int, low=0),
+    "epochs": Hparam(10, "training epochs (of the main stage)", int, low=1),
 }
 
 
@@ -346,7 +346,8 @@ def sample_hparams(
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, str]:
-    """``["lr=0.01", "epochs=3"]`` -> ``{"lr": "0.01", "epochs": "3"}``; ConfigError on a malformed item."""
+    """``["lr=0.01", "epochs=3"]`` -> ``{"lr": "0.01", "epochs": "3"}``; ConfigError on a malformed item
+    or a key given twice (which value wins would otherwise be a silent accident of order)."""
     overrides: dict[str, str] = {}
     for item in items or []:
         for part in item.split(","):
@@ -354,6 +355,8 @@ def parse_overrides(items: list[str] | None) -> dict[str, str]:
                 continue
             if "=" not in part:
                 raise ConfigError(f"--hparams {part!r}: expected key=value, e.g. --hparams lr=0.001")
-            key, value = part.split("=", 1)
-            overrides[key.strip()] = value.strip()
+            key, value = (text.strip() for text in part.split("=", 1))
+            if key in overrides:
+                raise ConfigError(f"--hparams {key} is given twice ({overrides[key]} and {value}); give it once")
+            overrides[key] = value
     return overrides

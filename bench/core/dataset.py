@@ -8,7 +8,8 @@ UrbanCars ``g = 4*obj + 2*bg + co_obj``.
 
 Images come from one of two sources: :class:`InMemoryImages` (a uint8 tensor, used by the synthetic
 twins; batches are gathered by indexing, no per-item Python) or :class:`FileImages` (paths read with
-PIL and a torchvision transform, used by real datasets and ``custom``).
+PIL and a torchvision transform, used by real datasets and ``custom``). Every image file becomes 8-bit
+RGB through :func:`rgb_image` (16-bit greyscale is scaled, not clipped).
 """
 
 from __future__ import annotations
@@ -50,6 +51,27 @@ class InMemoryImages:
         return tuple(self.pixels.shape[1:])  # type: ignore[return-value]
 
 
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def rgb_image(image: Any) -> Any:
+    """A PIL image as 8-bit RGB. Pillow's own ``convert("RGB")`` clips 16-bit greyscale (300, 30000 and
+    65535 all become 255); here such an image keeps its high byte (65535 -> 255, 30000 -> 117), as Pillow
+    does itself for 16-bit colour PNGs. Mode ``I`` (32-bit integers, how some readers hold 16-bit
+    greyscale) is taken as 16-bit when its values fit; other 32-bit and floating-point images are refused
+    (ValueError), since no scale can be assumed for them."""
+    from PIL import Image
+
+    if image.mode in _SIXTEEN_BIT_MODES or image.mode == "I":
+        values = np.asarray(image)
+        if image.mode == "I" and values.size and (values.min() < 0 or values.max() > 65535):
+            raise ValueError("a 32-bit integer image; convert it to 8 or 16 bits per channel")
+        return Image.fromarray((values.astype(np.uint32) >> 8).astype(np.uint8)).convert("RGB")
+    if image.mode == "F":
+        raise ValueError("a floating-point image; convert it to 8 or 16 bits per channel")
+    return image.convert("RGB")
+
+
 class FileImages:
     """Images read from files; ``load(i)`` returns a float tensor ``[C, H, W]`` in [0, 1]."""
 
@@ -78,9 +100,10 @@ class FileImages:
         path = self.paths[index]
         try:
             with Image.open(path) as image:
-                image = image.convert("RGB")
-        except (OSError, ValueError) as error:
-            raise DataError(f"{path}: cannot read image ({error}); re-copy or remove that file") from error
+                image = rgb_image(image)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise DataError(f"{path}: cannot read image ({reason}); re-copy or remove that file") from None
         transform = self.train_transform if train else self.eval_transform
         return transform(image)
 
@@ -123,6 +146,10 @@ class SpuriousDataset:
     description: str = ""
     # Metric sets (bench.core.metrics.METRIC_SETS) reported beside worst-group accuracy and the average.
     extra_metrics: tuple[str, ...] = ()
+    # Identity of the files a dataset was read from (its index files' content, every image file's path,
+    # size and modification time): part of a run's identity. Empty for generated data, whose source's
+    # ``data_version`` identifies it instead.
+    data_fingerprint: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

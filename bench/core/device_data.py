@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from bench.core.dataset import FileImages, InMemoryImages, SpuriousDataset
+from bench.core.errors import DataError
 
 EVAL_BATCH_SIZE = 512
 
@@ -121,6 +122,8 @@ class DeviceData:
             _FileChunks(source, chunks, train), batch_size=None, num_workers=self.workers, shuffle=False
         )
         for chunk, raw in zip(chunks, loader):
+            if isinstance(raw, DataError):  # raised in a worker: passed back whole, as the one-line error it is
+                raise raw
             yield chunk, self._normalise_file_batch(raw)
 
     @torch.no_grad()
@@ -154,5 +157,10 @@ class _FileChunks(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.chunks)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.source.load_batch(self.chunks[i].tolist(), self.train)
+    def __getitem__(self, i: int) -> torch.Tensor | DataError:
+        # A DataError raised here would reach the main process re-wrapped by the DataLoader, its message
+        # grown into a traceback; returning it keeps the one-line error (re-raised by iter_images).
+        try:
+            return self.source.load_batch(self.chunks[i].tolist(), self.train)
+        except DataError as error:
+            return error

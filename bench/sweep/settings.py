@@ -254,7 +254,7 @@ def build_settings(settings: dict[str, Any]) -> tuple[SweepSpec, LaunchOptions]:
         stage=stage,
         search_seeds=_as_int("search_seeds", settings.get("search_seeds", 1), 1),  # type: ignore[arg-type]
         select=select,
-        epochs=_as_int("epochs", settings.get("epochs"), 0, optional=True),
+        epochs=_as_int("epochs", settings.get("epochs"), 1, optional=True),
         hparam_overrides=tuple(str(h) for h in hparam_items),
         backbone=settings.get("backbone"),
         weights=settings.get("weights"),
