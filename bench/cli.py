@@ -15,7 +15,7 @@ from typing import Any
 
 from bench.core.errors import BenchError
 from bench.core.selection import DEFAULT_RULE, RULES
-from bench.display import display_path
+from bench.display import display_path, fit_table
 
 EXIT_USER_ERROR = 2
 EXIT_RUN_FAILED = 1
@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seeds", type=int, default=1, help="number of seeds, run one after another (default 1)")
     run.add_argument("--seed-offset", type=int, default=0, help="first seed (default 0)")
     run.add_argument("--epochs", type=int, help="override the epochs of the main stage")
-    run.add_argument("--backbone", help="override the backbone: small-cnn, resnet18, resnet50")
+    run.add_argument("--backbone", help="override the backbone: small-cnn, resnet18, resnet50, efficientnet-lite0, "
+                                        "or any timm model as timm/<model> (see `bench list`)")
     run.add_argument("--hparams", nargs="*", default=[], metavar="KEY=VALUE", help="override hyperparameters")
     run.add_argument("--data-root", help="folder holding the dataset (default: $BENCH_DATA_ROOT)")
     run.add_argument("--attrs", help="custom dataset: comma-separated attribute columns (default: all others)")
@@ -155,14 +156,12 @@ def seed_tables(run_dirs: list[Path], out: str, rule: str) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from tabulate import tabulate
-
-    from bench.core.backbones import BACKBONES
+    from bench.core.backbones import BUILT_IN, TIMM_PREFIX
     from datasets import dataset_names, get_dataset, resolve_data_root
     from methods import get_method, method_names
 
     rows = [[name, get_method(name).paper] for name in method_names()]
-    print(tabulate(rows, headers=["method", "paper"], tablefmt="github"))
+    print(fit_table(rows, ["method", "paper"], wrap=[1]))
     print()
     root = resolve_data_root(args.data_root)
     rows = []
@@ -172,11 +171,20 @@ def cmd_list(args: argparse.Namespace) -> int:
             status = "built in (synthetic)"
         else:
             located = source.locate(root) if root else None
-            status = f"found: {located}" if located else "not found" + ("" if root else " (no --data-root)")
+            missing = "not found" + ("" if root else " (no --data-root)")
+            status = f"found: {display_path(located)}" if located else missing
         rows.append([name, status, source.description])
-    print(tabulate(rows, headers=["dataset", "files", "description"], tablefmt="github"))
+    print(fit_table(rows, ["dataset", "files", "description"], wrap=[1, 2]))
     print()
-    print("backbones: " + ", ".join(BACKBONES))
+    rows = []
+    for backbone in BUILT_IN.values():
+        spec = backbone.input
+        rows.append([backbone.name, f"{spec.size} px, {spec.normalisation.describe()}", backbone.pretrained_weights,
+                     backbone.description])
+    print(fit_table(rows, ["backbone", "input", "pretrained=true loads", "description"], wrap=[1, 2, 3]))
+    print(f"Any timm model is a backbone too: --backbone {TIMM_PREFIX}<model>, e.g. {TIMM_PREFIX}convnext_tiny\n"
+          "(names: python -c 'import timm; print(timm.list_models())'); its input size and normalisation\n"
+          "come from timm's pretrained_cfg, its pretrained weights from timm's caches.")
     return 0
 
 

@@ -24,8 +24,6 @@ import torch
 
 from bench.core.dataset import (
     AVERAGE_KINDS,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     SPLITS,
     FileImages,
     SpuriousDataset,
@@ -145,8 +143,6 @@ class CustomDataset(DatasetSource):
             attr_value_names=value_names,
             splits=splits,
             average_kind=average,
-            mean=IMAGENET_MEAN,
-            std=IMAGENET_STD,
             description=f"custom dataset from {csv_path}",
         )
         cls._check_groups(csv_path, dataset)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.core.backbones import build_backbone
+from bench.core.backbones import SYMMETRIC_NORMALISATION, build_backbone
 from bench.core.dataset import InMemoryImages, SpuriousDataset, make_split
 from bench.core.device_data import DeviceData
 from bench.core.metrics import GroupStructure
@@ -72,7 +72,8 @@ def build(cls: type[Method], dataset: SpuriousDataset, seed: int = 0) -> tuple[M
     context = MethodContext(hparams=hparams, dataset_info=dataset.info(), device=torch.device("cpu"),
                             make_model=lambda: build_backbone("small-cnn", dataset.n_classes), seed=seed)
     method = cls(context)
-    data = DeviceData(dataset, torch.device("cpu"), cls.uses_train_group_labels(hparams))
+    data = DeviceData(dataset, torch.device("cpu"), cls.uses_train_group_labels(hparams),
+                      normalisation=SYMMETRIC_NORMALISATION)
     return method, data
 
 
