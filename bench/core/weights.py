@@ -54,7 +54,7 @@ class LoadedWeights:
 
 
 def loaded_weights(path: Path, origin: str) -> LoadedWeights:
-    path = Path(path).resolve()
+    path = Path(path).absolute()  # not resolved: a hub cache's snapshot link names the file better than its blob
     stat = path.stat()
     return LoadedWeights(str(path), _sha256(str(path), stat.st_size, stat.st_mtime_ns), origin)
 
@@ -112,8 +112,8 @@ def unreachable_reason(url: str) -> str | None:
     import urllib.request
 
     request = urllib.request.Request(url, method="HEAD", headers={"User-Agent": "debias-bench"})
-    try:
-        with urllib.request.urlopen(request, timeout=PROBE_TIMEOUT_S):
+    try:  # a new opener reads the proxy settings of the environment now (urlopen's keeps its first ones)
+        with urllib.request.build_opener().open(request, timeout=PROBE_TIMEOUT_S):
             return None
     except urllib.error.HTTPError as error:
         return f"{url} answers HTTP {error.code}"
