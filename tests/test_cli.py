@@ -59,7 +59,9 @@ def test_data_root_from_environment(capsys, tmp_path, monkeypatch, data):
 
 
 def test_offline_pretrained_weights_give_a_clear_error(capsys, tmp_path, data, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # empty cache; no network in tests
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # an empty cache
+    for proxy in ("https_proxy", "HTTPS_PROXY"):  # and no network: https through a closed local port
+        monkeypatch.setenv(proxy, "http://127.0.0.1:9")
     _user_error(capsys, ["run", "--method", "erm", "--dataset", "custom", "--data-root", str(data),
                          "--backbone", "resnet18", "--hparams", "pretrained=true"], tmp_path, "--weights PATH")
 

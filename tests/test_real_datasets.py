@@ -574,7 +574,8 @@ def test_bench_run_erm_on_waterbirds_fixture(tmp_path, capsys, monkeypatch):
 
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)  # never download in a test
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
     status, _, err = cli(capsys, *base)
     assert status == 2 and "cannot get the pretrained weights of resnet18" in err and "pretrained=false" in err
     assert not (tmp_path / "out").exists()

@@ -130,19 +130,30 @@ def _torch_hub_file(url: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
 
 
-def torchvision_imagenet(url: str, name: str) -> tuple[dict[str, torch.Tensor], LoadedWeights]:
-    """torchvision's weights at ``url`` from torch hub's cache, downloading them when the address answers."""
+def url_file(url: str, name: str, check_hash: bool = False) -> Path:
+    """The file at ``url`` in torch hub's cache (``checkpoints/``), downloaded when absent and the address
+    answers. ``check_hash``: the download must match the hash prefix in the file's name (torchvision's)."""
     cached = _torch_hub_file(url)
-    if not cached.is_file():
-        reason = unreachable_reason(url)
-        if reason is not None:
-            raise _not_available(name, f"the file {cached.name} ({url})", cached.parent, reason)
+    if cached.is_file():
+        return cached
+    what = f"the file {cached.name} ({url})"
+    reason = unreachable_reason(url)
+    if reason is not None:
+        raise _not_available(name, what, cached.parent, reason)
+    match = torch.hub.HASH_REGEX.search(cached.name) if check_hash else None
     try:
-        state = torch.hub.load_state_dict_from_url(url, progress=False, check_hash=True)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(url, str(cached), match.group(1) if match else None, progress=False)
     except Exception as error:  # urllib and the hash check raise many kinds; any means "not available"
-        raise _not_available(name, f"the file {cached.name} ({url})", cached.parent,
+        raise _not_available(name, what, cached.parent,
                              f"the download failed ({type(error).__name__}: {str(error)[:120]})") from error
-    return state, loaded_weights(cached, f"torchvision {url}")
+    return cached
+
+
+def torchvision_imagenet(url: str, name: str) -> tuple[dict[str, torch.Tensor], LoadedWeights]:
+    """torchvision's weights at ``url``, from torch hub's cache or downloaded (:func:`url_file`)."""
+    path = url_file(url, name, check_hash=True)
+    return read_state_dict(path, f"{name} weights"), loaded_weights(path, f"torchvision {url}")
 
 
 def timm_pretrained_file(architecture: str, name: str) -> tuple[Path, LoadedWeights]:
@@ -155,19 +166,8 @@ def timm_pretrained_file(architecture: str, name: str) -> tuple[Path, LoadedWeig
     if cfg.get("hf_hub_id"):
         return _hub_file(str(cfg["hf_hub_id"]), cfg.get("hf_hub_filename"), name)
     if cfg.get("url"):
-        url = str(cfg["url"])
-        cached = _torch_hub_file(url)
-        if not cached.is_file():
-            reason = unreachable_reason(url)
-            if reason is not None:
-                raise _not_available(name, f"the file {cached.name} ({url})", cached.parent, reason)
-            try:
-                cached.parent.mkdir(parents=True, exist_ok=True)
-                torch.hub.download_url_to_file(url, str(cached), progress=False)
-            except Exception as error:
-                raise _not_available(name, f"the file {cached.name} ({url})", cached.parent,
-                                     f"the download failed ({type(error).__name__})") from error
-        return cached, loaded_weights(cached, f"timm {url}")
+        path = url_file(str(cfg["url"]), name)
+        return path, loaded_weights(path, f"timm {cfg['url']}")
     raise ConfigError(f"{name}: timm has no pretrained weights for {architecture}; use --hparams pretrained=false "
                       "or --weights PATH")
 
