@@ -172,7 +172,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         else:
             located = source.locate(root) if root else None
             missing = "not found" + ("" if root else " (no --data-root)")
-            status = f"found: {display_path(located)}" if located else missing
+            status = f"found: {display_path(located)}{_export_note(name, located)}" if located else missing
         rows.append([name, status, source.description])
     print(fit_table(rows, ["dataset", "files", "description"], wrap=[1, 2]))
     print()
@@ -186,6 +186,21 @@ def cmd_list(args: argparse.Namespace) -> int:
           "(names: python -c 'import timm; print(timm.list_models())'); its input size and normalisation\n"
           "come from timm's pretrained_cfg, its pretrained weights from timm's caches.")
     return 0
+
+
+def _export_note(name: str, folder: Path) -> str:
+    """What ``bench list`` adds to a dataset folder written by ``bench data export``."""
+    from datasets._files import read_export_marker
+
+    try:
+        marker = read_export_marker(folder, None)
+    except BenchError as error:
+        return f" ({error})"
+    if marker is None:
+        return ""
+    if marker["dataset"] != name:
+        return f" (the twin {marker['twin']} for {marker['dataset']}: not readable as {name})"
+    return f" (the twin {marker['twin']}, {marker['image_size']} px)"
 
 
 def cmd_data_info(args: argparse.Namespace) -> int:

@@ -139,12 +139,13 @@ class FileDatasetSource(DatasetSource):
         return marker["twin"] if marker else None
 
 
-def read_export_marker(folder: Path, dataset_name: str) -> dict[str, Any] | None:
+def read_export_marker(folder: Path, dataset_name: str | None) -> dict[str, Any] | None:
     """The ``bench-export.json`` of a dataset folder written by ``bench data export``, or None for real data.
 
     Its keys: ``twin`` (the twin's name), ``dataset`` (the real dataset whose loader reads it),
     ``data_version`` (the twin's), ``image_size`` (pixels) and more that the loaders do not read.
-    DataError when it is malformed or written for another dataset (e.g. another Spawrious challenge).
+    DataError when it is malformed or written for another dataset than ``dataset_name`` (e.g. another
+    Spawrious challenge; None: any).
     """
     path = folder / EXPORT_MARKER
     if not path.is_file():
@@ -156,7 +157,7 @@ def read_export_marker(folder: Path, dataset_name: str) -> dict[str, Any] | None
     expected = {"twin": str, "dataset": str, "data_version": str, "image_size": int}
     if not isinstance(marker, dict) or any(not isinstance(marker.get(k), t) for k, t in expected.items()):
         raise DataError(f"{path}: needs the keys {', '.join(expected)}; export the twin again (bench data export)")
-    if marker["dataset"] != dataset_name:
+    if dataset_name is not None and marker["dataset"] != dataset_name:
         raise DataError(f"{folder} holds the twin {marker['twin']} exported for {marker['dataset']}, which is the only "
                         f"dataset that can read it, not {dataset_name}")
     return marker

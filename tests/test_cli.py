@@ -74,8 +74,9 @@ def test_missing_weights_file(capsys, tmp_path, data):
 def test_list_shows_methods_datasets_backbones(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    for name in ("erm", "custom", "small-cnn", "resnet50"):
+    for name in ("erm", "custom", "small-cnn", "resnet50", "efficientnet-lite0", "--backbone timm/<model>"):
         assert name in out
+    assert max(len(line) for line in out.splitlines()) <= 100
 
 
 def test_run_prints_table_with_named_average_and_records(capsys, tmp_path, data):

@@ -125,6 +125,22 @@ def test_waterbirds_export_trains_from_the_image_cache_with_augmentation_and_wor
     assert config["dataset_options"] == {"augment": "true", "subsample": "0.2", "image_size": 12}
 
 
+def test_bench_list_says_which_folders_hold_an_exported_twin(exported, capsys) -> None:
+    status, out, _ = cli(capsys, "list", "--data-root", str(exported))
+    assert status == 0 and max(len(line) for line in out.splitlines()) <= 100
+    rows: dict[str, str] = {}
+    name = ""
+    for line in out.splitlines():  # a table row's cells may continue on the next lines
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if line.startswith("| ") and len(cells) == 3:
+            name = cells[0] or name
+            rows[name] = f"{rows.get(name, '')} {cells[1]}".strip()
+    assert rows["waterbirds"].endswith("(the twin waterbirds-synth, 12 px)")
+    assert rows["spawrious-o2o-easy"].endswith("(the twin spawrious-synth, 28 px)")
+    assert rows["spawrious-m2m-easy"].endswith("not readable as spawrious-m2m-easy)")
+    assert rows["custom"] == "not found"
+
+
 # --------------------------------------------------------------------------------------------
 # Errors
 

@@ -19,9 +19,9 @@ import torch
 from PIL import Image
 
 from bench.cli import main
-from bench.display import display_path
 from bench.core.dataset import FileImages
 from bench.core.errors import BenchError, ConfigError
+from bench.display import display_path
 from datasets import get_dataset, load_dataset, resolve_data_root
 
 DATA = Path(__file__).parent / "data"
