@@ -88,6 +88,26 @@ def test_unknown_backbones_say_how_to_name_one() -> None:
     assert message.startswith("hparam backbone='timm/nope': unknown backbone")
 
 
+def test_local_weights_files_load_into_any_backbone_and_are_recorded(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    source = build_backbone("small-cnn", 3)
+    torch.save(source.state_dict(), tmp_path / "small.pt")
+    model = build_backbone("small-cnn", 3, weights=tmp_path / "small.pt")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), source.state_dict().values()))
+    assert model.loaded_weights.origin == "--weights"
+    assert model.loaded_weights.sha256 == hashlib.sha256((tmp_path / "small.pt").read_bytes()).hexdigest()
+    import timm
+
+    net = timm.create_model("resnet18", pretrained=False, num_classes=1000)  # with ImageNet's head: dropped
+    save_file(net.state_dict(), str(tmp_path / "resnet18.safetensors"))
+    model = build_backbone("timm/resnet18", 2, weights=tmp_path / "resnet18.safetensors")
+    assert torch.equal(model.featurizer.conv1.weight, net.conv1.weight)
+    (tmp_path / "broken.pt").write_bytes(b"not a state dict")
+    assert "not a readable state dict" in error_of(build_backbone, "resnet18", 2, weights=tmp_path / "broken.pt")
+
+
 # --------------------------------------------------------------------------------------------
 # Normalisation: the backbone's, applied by DeviceData as the runner hands it over
 
@@ -199,7 +219,17 @@ def test_efficientnet_lite0_without_its_package_names_the_extra(monkeypatch) -> 
     assert build_backbone("efficientnet-lite0", 2, pretrained=False).loaded_weights is None
 
 
-def test_one_ule_step_through_efficientnet_lite0() -> None:
+@pytest.fixture
+def one_thread():  # type: ignore[no-untyped-def]
+    """One torch thread: on the shared two-core test machine, two OpenMP threads wait on each other
+    for most of a small network's step."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_one_ule_step_through_efficientnet_lite0(one_thread) -> None:
     """ULE's penalty differentiates the input gradient again: through lite0's batch norm, ReLU6 and
     TF-style padded convolutions. The penalty must reach the teacher's weights, the stem included."""
     from methods.base import Batch, MethodContext

@@ -220,7 +220,7 @@ def test_erm_with_pretrained_efficientnet_lite0_on_an_exported_waterbirds_offlin
         monkeypatch.setenv(name, "http://127.0.0.1:9")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the shared test machine's two cores: one thread avoids OpenMP contention
+    torch.set_num_threads(1)  # the shared two-core test machine: two OpenMP threads wait on each other
     try:
         status, _, err = cli(capsys, "run", "--method", "erm", "--dataset", "waterbirds", "--data-root",
                              str(exported), "--backbone", "efficientnet-lite0", "--seeds", "1", "--epochs", "1",

@@ -193,7 +193,7 @@ def _timm(architecture: str, display_name: str) -> Builder:
         elif pretrained:
             path, loaded = weight_files.timm_pretrained_file(architecture, display_name)
             overlay = {"file": str(path), "source": ""}
-            if loaded.origin.startswith("Hugging Face"):
+            if loaded.origin.startswith(weight_files.HUB_ORIGIN):
                 overlay["custom_load"] = False  # a hub file is a plain state dict
             try:
                 net = timm.create_model(architecture, pretrained=True, num_classes=0, in_chans=in_channels,

