@@ -70,6 +70,10 @@ def test_timm_models_take_their_input_from_pretrained_cfg_and_build_without_weig
     assert model.loaded_weights is None
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
     assert model.featurizer(torch.randn(2, 3, 32, 32)).shape == (2, model.n_features) == (2, 512)
+    # The features are what the model outputs without its classifier, also where timm's num_features
+    # (the last stage's width) is not that (a head convolution before the classifier).
+    mobilenet = build_backbone("timm/mobilenetv3_small_050", n_classes=2)
+    assert mobilenet.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 2) and mobilenet.n_features == 1024
     # A fixed-size backbone refuses images of another size before anything trains.
     assert "takes 224x224 images only" in error_of(vit.check_image_size, (3, 28, 28))
     vit.check_image_size((3, 224, 224))
@@ -129,7 +133,8 @@ def test_device_data_normalises_with_the_normalisation_it_is_given() -> None:
 
 
 @pytest.mark.parametrize("backbone,expected", [("small-cnn", SYMMETRIC_NORMALISATION),
-                                               ("resnet18", IMAGENET_NORMALISATION)])
+                                               # a small network with ImageNet's normalisation
+                                               ("timm/mobilenetv3_small_050", IMAGENET_NORMALISATION)])
 def test_the_runner_normalises_with_the_backbones_normalisation(tmp_path, monkeypatch, backbone, expected) -> None:
     seen = []
 

@@ -204,7 +204,7 @@ def _timm(architecture: str, display_name: str) -> Builder:
                                   "--weights PATH") from error
         else:
             net = timm.create_model(architecture, pretrained=False, num_classes=0, in_chans=in_channels)
-        return Classifier(net, int(net.num_features), n_classes, loaded)
+        return Classifier(net, _feature_size(net), n_classes, loaded)
 
     return build
 
@@ -222,7 +222,13 @@ def _efficientnet_lite0(n_classes: int, in_channels: int, pretrained: bool, weig
         net.reset_classifier(0)
     else:
         net = timm.create_model(weight_files.LITE0_ARCHITECTURE, pretrained=False, num_classes=0)
-    return Classifier(net, int(net.num_features), n_classes, loaded)
+    return Classifier(net, _feature_size(net), n_classes, loaded)
+
+
+def _feature_size(net: nn.Module) -> int:
+    """What a timm model without classifier outputs: ``head_hidden_size`` where its head has layers
+    before the classifier (MobileNetV3's conv_head: 1024, while ``num_features`` says 288)."""
+    return int(getattr(net, "head_hidden_size", None) or net.num_features)
 
 
 def efficientnet_lite0_imagenet() -> tuple[nn.Module, weight_files.LoadedWeights]:
