@@ -27,10 +27,10 @@ from typing import Any
 import numpy as np
 
 from bench.core.errors import BenchError, DataError
-from bench.display import display_path
+from bench.display import display_path, fit_table
 
 MAX_LISTED = 5  # unreadable files named in the one-line error (all of them are printed above it)
-DEFAULT_EXPORT_SIZE = 64  # pixels of an exported twin's images (>= 64, the pretrained-regime benchmarks' minimum)
+DEFAULT_EXPORT_SIZE = 64  # pixels of an exported twin's images, by default (4.5 times the twins' own 28)
 
 
 def register(subparsers: dict[str, Any]) -> dict[str, Any]:
@@ -88,8 +88,6 @@ def count_table(dataset: Any, expected: dict[str, list[int]] | None, label: str 
     """The group-count table and the number of (group, split) cells that differ from the ``expected``
     counts (published, or an exported twin's own). One column per split (and per joined split such as
     ``train+val`` that the expected counts name); a cell that differs reads ``found ≠ expected``."""
-    from bench.display import fit_table
-
     found = {split: np.asarray(dataset.group_counts(split)) for split in dataset.splits}
     for key in expected or {}:
         if key not in found:
