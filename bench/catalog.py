@@ -1,7 +1,7 @@
 """``bench list`` and ``bench data info NAME``: what the harness has, in tables that fit a terminal.
 
 ``bench list`` prints one short line per method, dataset and preset (long texts shortened to fit
-:data:`WIDTH` columns); ``bench list --long`` prints every entry in full, wrapped, one block per
+:data:`TERMINAL_WIDTH` columns); ``bench list --long`` prints every entry in full, wrapped, one block per
 entry; ``bench list --presets`` lists the sweep presets (bench.sweep.presets). ``bench data info
 NAME`` prints a dataset's full description, where its files come from, its training protocol and
 its group counts per split (the published counts when the files are not there).
@@ -13,11 +13,12 @@ import argparse
 import sys
 import textwrap
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from bench.display import display_path
+from bench.core.errors import BenchError
+from bench.display import TERMINAL_WIDTH, display_path, fit_table
 
-WIDTH = 100  # a terminal's columns
 INDENT = "    "
 
 
@@ -37,24 +38,12 @@ def register(subparsers: dict[str, Any]) -> dict[str, Any]:
     return {"list": cmd_list, "data info": cmd_data_info}
 
 
-def fit_table(rows: Sequence[Sequence[Any]], headers: Sequence[str], width: int = WIDTH) -> str:
-    """A github table whose LAST column is shortened (``…``) so that every line fits ``width``."""
-    from tabulate import tabulate
-
-    # tabulate's github columns: "| " + cell + " " each, a closing "|"; a header gets 2 more spaces of padding.
-    fixed = [max([len(str(headers[i])) + 2, *(len(str(row[i])) for row in rows)]) + 3
-             for i in range(len(headers) - 1)]
-    room = max(width - sum(fixed) - 4, len(headers[-1]) + 2)
-    shortened = [[*row[:-1], textwrap.shorten(str(row[-1]), room, placeholder=" …")] for row in rows]
-    return tabulate(shortened, headers=list(headers), tablefmt="github", disable_numparse=True)
-
-
 def block(name: str, fields: Sequence[tuple[str, str]]) -> str:
-    """``name`` then each ``label: text`` wrapped at :data:`WIDTH` under it (paths are never broken)."""
+    """``name`` then each ``label: text`` wrapped at :data:`TERMINAL_WIDTH` under it (paths are never broken)."""
     lines = [name]
     for label, text in fields:
         if text:
-            lines.append(textwrap.fill(f"{label}: {text}", WIDTH, initial_indent=INDENT,
+            lines.append(textwrap.fill(f"{label}: {text}", TERMINAL_WIDTH, initial_indent=INDENT,
                                        subsequent_indent=INDENT + "  ", break_long_words=False,
                                        break_on_hyphens=False))
     return "\n".join(lines)
@@ -66,13 +55,40 @@ def _summary(module_name: str) -> str:
 
 
 def _files_status(source: Any, root: Any) -> tuple[str, str]:
-    """(short status, where) of a dataset's files."""
+    """(short status, where) of a dataset's files; a folder written by ``bench data export`` says so."""
     if not source.needs_data_root:
         return "built in", "generated offline and cached (synthetic twin)"
     located = source.locate(root) if root else None
     if located:
-        return "found", display_path(located)
+        return "found" + _export_note(source.name, located), display_path(located)
     return "not found", "no --data-root given" if root is None else f"not under {display_path(root)}"
+
+
+def _export_note(name: str, folder: Path) -> str:
+    """What ``bench list`` adds to a dataset folder written by ``bench data export``."""
+    from datasets._files import read_export_marker
+
+    try:
+        marker = read_export_marker(folder, None)
+    except BenchError as error:
+        return f" ({error})"
+    if marker is None:
+        return ""
+    if marker["dataset"] != name:
+        return f" (the twin {marker['twin']} for {marker['dataset']}: not readable as {name})"
+    return f" (the twin {marker['twin']}, {marker['image_size']} px)"
+
+
+def _backbone_table() -> str:
+    from bench.core.backbones import BUILT_IN, TIMM_PREFIX
+
+    rows = [[backbone.name, f"{backbone.input.size} px, {backbone.input.normalisation.describe()}",
+             backbone.pretrained_weights, backbone.description] for backbone in BUILT_IN.values()]
+    return (fit_table(rows, ["backbone", "input", "pretrained=true loads", "description"]) + "\n"
+            + textwrap.fill(f"Any timm model is a backbone too: --backbone {TIMM_PREFIX}<model>, e.g. "
+                            f"{TIMM_PREFIX}convnext_tiny (names: python -c 'import timm; print(timm.list_models())'); "
+                            "its input size and normalisation come from timm's pretrained_cfg, its pretrained "
+                            "weights from timm's caches.", TERMINAL_WIDTH))
 
 
 def _download_hint(name: str) -> str:
@@ -95,11 +111,11 @@ def _list_presets(long: bool) -> str:
     rows = [[p.name, f"{len(p.methods)} x {len(p.datasets)}", p.title] for p in found]
     return (fit_table(rows, ["preset", "methods x datasets", "title (source: --long)"]) + "\n\n"
             + textwrap.fill("bench sweep presets/NAME.yaml --data-root DIR --launcher slurm runs one; "
-                            "bench list --presets --long shows each one's source and notes.", WIDTH))
+                            "bench list --presets --long shows each one's source and notes.", TERMINAL_WIDTH))
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from bench.core.backbones import BACKBONES
+    from bench.core.backbones import BUILT_IN
     from datasets import dataset_names, get_dataset, resolve_data_root
     from methods import get_method, method_names
 
@@ -120,7 +136,10 @@ def cmd_list(args: argparse.Namespace) -> int:
             blocks.append(block(f"dataset {name}", [
                 ("what", source.description), ("files", f"{status}: {where}"), ("get it", source.obtain_hint),
                 ("download", _download_hint(name)), ("details", f"bench data info {name}")]))
-        blocks.append(block("backbones", [("names", ", ".join(BACKBONES))]))
+        blocks.append(block("backbones", [(backbone.name, f"{backbone.description}; input {backbone.input.size} px, "
+                                                          f"{backbone.input.normalisation.describe()}; pretrained=true "
+                                                          f"loads {backbone.pretrained_weights}")
+                                         for backbone in BUILT_IN.values()]))
         print("\n\n".join(blocks))
         return 0
     print(fit_table([[name, get_method(name).paper] for name in method_names()], ["method", "paper"]))
@@ -129,9 +148,10 @@ def cmd_list(args: argparse.Namespace) -> int:
             for name in dataset_names()]
     print(fit_table(rows, ["dataset", "files", "description"]))
     print()
-    print("backbones: " + ", ".join(BACKBONES))
+    print(_backbone_table())
     print(textwrap.fill("In full (papers, descriptions, where files are, hparams): bench list --long; one dataset: "
-                        "bench data info NAME; sweep presets of the papers' protocols: bench list --presets.", WIDTH))
+                        "bench data info NAME; sweep presets of the papers' protocols: bench list --presets.",
+                        TERMINAL_WIDTH))
     return 0
 
 
@@ -173,7 +193,7 @@ def cmd_data_info(args: argparse.Namespace) -> int:
     print(textwrap.fill(f"{dataset.name}: classes {dataset.class_names}; attributes "
                         + ", ".join(f"{a} {v}" for a, v in zip(dataset.attr_names, dataset.attr_value_names))
                         + f"; images {'x'.join(map(str, dataset.image_shape))}; average kind: "
-                        f"{dataset.average_kind}", WIDTH))
+                        f"{dataset.average_kind}", TERMINAL_WIDTH))
     rows, headers = _count_rows(dataset)
     print(tabulate(rows, headers=headers, tablefmt="github"))
     return 0

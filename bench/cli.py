@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seeds", type=int, default=1, help="number of seeds, run one after another (default 1)")
     run.add_argument("--seed-offset", type=int, default=0, help="first seed (default 0)")
     run.add_argument("--epochs", type=int, help="override the epochs of the main stage")
-    run.add_argument("--backbone", help="override the backbone: small-cnn, resnet18, resnet50")
+    run.add_argument("--backbone", help="override the backbone: small-cnn, resnet18, resnet50, efficientnet-lite0, "
+                                        "or any timm model as timm/<model> (see `bench list`)")
     run.add_argument("--hparams", nargs="*", default=[], metavar="KEY=VALUE", help="override hyperparameters")
     run.add_argument("--data-root", help="folder holding the dataset (default: $BENCH_DATA_ROOT)")
     run.add_argument("--attrs", help="custom dataset: comma-separated attribute columns (default: all others)")

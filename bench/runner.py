@@ -25,7 +25,7 @@ import torch
 
 from bench.core import records
 from bench.core.artifacts import ArtifactStore
-from bench.core.backbones import INPUT_SIZE, build_backbone
+from bench.core.backbones import get_backbone
 from bench.core.device_data import DeviceData
 from bench.core.errors import BenchError, ConfigError, DataError
 from bench.core.metrics import GroupStructure
@@ -40,7 +40,7 @@ from bench.trainer import (
     train,
     use_deterministic_kernels,
 )
-from datasets import get_dataset, load_dataset
+from datasets import get_dataset, load_dataset, resolve_data_root
 from methods import get_method
 from methods.base import (
     TRAINING_HPARAMS,
@@ -87,6 +87,8 @@ class PreparedRun:
     request: RunRequest
     identity: dict[str, Any]  # what defines the run (hashed into its folder name)
     device: torch.device
+    # The weights file the backbone starts from (bench.core.weights.LoadedWeights.record()), None: random.
+    backbone_weights: dict[str, str] | None = None
 
     @property
     def hparams(self) -> dict[str, Any]:
@@ -124,8 +126,11 @@ def run_identity(request: RunRequest) -> dict[str, Any]:
     # The method's dataset options for this dataset (DFR's base-model augmentation), under the user's.
     for key, value in method_cls.data_options_per_dataset.get(request.dataset, {}).items():
         request.dataset_options.setdefault(key, value)
+    # A twin exported as files (bench data export) is trained at the size it was written at by default.
+    marker = source.export_marker(resolve_data_root(request.data_root))
     if source.accepts_image_size:
-        request.dataset_options.setdefault("image_size", INPUT_SIZE[hparams["backbone"]])
+        default_size = marker["image_size"] if marker else get_backbone(hparams["backbone"]).input.size
+        request.dataset_options.setdefault("image_size", default_size)
     source.check_options(request.dataset_options)
     weights = Path(request.weights).expanduser().resolve() if request.weights else None
     identity = {
@@ -140,6 +145,9 @@ def run_identity(request: RunRequest) -> dict[str, Any]:
     if source.needs_data_root:
         dataset = load_dataset(request.dataset, request.data_root, request.dataset_options)
         identity["data_fingerprint"] = dataset.data_fingerprint
+    # An exported twin says so in its identity (its fingerprint alone already tells it from the real files).
+    if marker:
+        identity["synthetic_export"] = {key: marker[key] for key in ("twin", "data_version", "image_size")}
     return identity
 
 
@@ -169,8 +177,11 @@ def prepare(request: RunRequest) -> PreparedRun:
                           f"provide (waterbirds-synth, urbancars-synth, spawrious-synth); {request.dataset} has none")
     device = pick_device(request.device)
     weights = Path(identity["weights"]) if identity["weights"] else None
-    build_backbone(hparams["backbone"], dataset.n_classes, dataset.image_shape[0], hparams["pretrained"], weights)
-    return PreparedRun(request=request, identity=identity, device=device)
+    backbone = get_backbone(hparams["backbone"])
+    backbone.check_image_size(dataset.image_shape)
+    model = backbone.build(dataset.n_classes, dataset.image_shape[0], hparams["pretrained"], weights)
+    loaded = model.loaded_weights.record() if model.loaded_weights is not None else None
+    return PreparedRun(request=request, identity=identity, device=device, backbone_weights=loaded)
 
 
 def _git_commit() -> str | None:
@@ -300,6 +311,7 @@ def _train_seed(prepared: PreparedRun, seed: int, run_dir: RunDir, quiet: bool) 
     request = prepared.request
     dataset = load_dataset(request.dataset, request.data_root, request.dataset_options)
     method_cls = get_method(request.method)
+    backbone = get_backbone(prepared.hparams["backbone"])
     info = dataset.info()
     structure = GroupStructure.from_info(info)
     uses_train_groups = method_cls.uses_train_group_labels(prepared.hparams)
@@ -324,6 +336,8 @@ def _train_seed(prepared: PreparedRun, seed: int, run_dir: RunDir, quiet: bool) 
         "uses_train_group_labels": uses_train_groups,
         "uses_spurious_masks": uses_masks,
         "base_run": base_run,
+        "backbone_input": backbone.input.record(),
+        "backbone_weights": prepared.backbone_weights,
         "paper": method_cls.paper,
         "method_caveat": method_cls.caveat,
         "device": str(prepared.device),
@@ -347,9 +361,7 @@ def _train_seed(prepared: PreparedRun, seed: int, run_dir: RunDir, quiet: bool) 
     hparams = prepared.hparams
 
     def make_model():  # type: ignore[no-untyped-def]
-        return build_backbone(
-            hparams["backbone"], dataset.n_classes, dataset.image_shape[0], hparams["pretrained"], weights
-        )
+        return backbone.build(dataset.n_classes, dataset.image_shape[0], hparams["pretrained"], weights)
 
     context = MethodContext(
         hparams=hparams,
@@ -363,7 +375,8 @@ def _train_seed(prepared: PreparedRun, seed: int, run_dir: RunDir, quiet: bool) 
     progress = Progress(quiet=quiet, label=f"{request.method} {request.dataset} seed{seed}")
     try:
         method = method_cls(context)
-        data = DeviceData(dataset, prepared.device, uses_train_groups, request.workers, masks_allowed=uses_masks)
+        data = DeviceData(dataset, prepared.device, uses_train_groups, request.workers,
+                          normalisation=backbone.input.normalisation, masks_allowed=uses_masks)
         final = train(method, data, run_dir, seed, structure, progress)
     except (NonFiniteLossError, RuntimeError, ValueError, OSError) as error:
         failure = failure_record(error)

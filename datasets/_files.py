@@ -21,11 +21,17 @@ folder (next to the data, where there is room for it: CelebA at 224 px takes abo
   allows links, for a data folder assembled from links to other disks), and warns when one file is in
   two splits (leakage). :func:`data_fingerprint` identifies what was read (index files' content, every
   image file's path, size and modification time); it is part of a run's identity.
+
+A synthetic twin written in a real dataset's layout by ``bench data export`` carries a marker file,
+``bench-export.json``, at the root of its dataset folder (:func:`read_export_marker`): the loaders
+then record the twin's name as the dataset's ``synthetic`` origin, the runner trains at the export's
+image size unless told otherwise, and ``bench data check`` compares with the twin's own counts.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import stat
 import sys
@@ -49,6 +55,7 @@ FINGERPRINT_VERSION = 1  # bump when data_fingerprint hashes other facts of the 
 CACHE_FOLDER = ".bench-cache"
 DEFAULT_IMAGE_SIZE = 224  # the backbones' input size when the runner does not set one
 AUGMENTATIONS = ("none", "flip", "resized_crop_flip", "flip_colour")
+EXPORT_MARKER = "bench-export.json"
 TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
@@ -112,6 +119,41 @@ class FileDatasetSource(DatasetSource):
     def published_counts(cls, options: dict[str, Any]) -> dict[str, list[int]] | None:
         """Published group counts per split (a key may join splits, e.g. ``train+val``); None if unknown."""
         return None
+
+    @classmethod
+    def export_marker(cls, data_root: Path | None) -> dict[str, Any] | None:
+        folder = cls.locate(data_root)
+        return read_export_marker(folder, cls.name) if folder is not None else None
+
+    @classmethod
+    def synthetic_origin(cls, folder: Path) -> str | None:
+        """The twin a dataset folder was exported from (its marker's ``twin``), None for real data."""
+        marker = read_export_marker(folder, cls.name)
+        return marker["twin"] if marker else None
+
+
+def read_export_marker(folder: Path, dataset_name: str | None) -> dict[str, Any] | None:
+    """The ``bench-export.json`` of a dataset folder written by ``bench data export``, or None for real data.
+
+    Its keys: ``twin`` (the twin's name), ``dataset`` (the real dataset whose loader reads it),
+    ``data_version`` (the twin's), ``image_size`` (pixels) and more that the loaders do not read.
+    DataError when it is malformed or written for another dataset than ``dataset_name`` (e.g. another
+    Spawrious challenge; None: any).
+    """
+    path = folder / EXPORT_MARKER
+    if not path.is_file():
+        return None
+    try:
+        marker = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise DataError(f"{path}: not readable JSON ({error}); export the twin again (bench data export)") from None
+    expected = {"twin": str, "dataset": str, "data_version": str, "image_size": int}
+    if not isinstance(marker, dict) or any(not isinstance(marker.get(k), t) for k, t in expected.items()):
+        raise DataError(f"{path}: needs the keys {', '.join(expected)}; export the twin again (bench data export)")
+    if dataset_name is not None and marker["dataset"] != dataset_name:
+        raise DataError(f"{folder} holds the twin {marker['twin']} exported for {marker['dataset']}, which is the only "
+                        f"dataset that can read it, not {dataset_name}")
+    return marker
 
 
 def image_size_option(options: dict[str, Any]) -> int:
@@ -379,6 +421,12 @@ class CachedImages(FileImages):
         state = dict(self.__dict__)
         state["_frames"] = None
         return state
+
+    def subset(self, rows: np.ndarray) -> CachedImages:
+        clone = super().subset(rows)
+        assert isinstance(clone, CachedImages)
+        clone.rows = self.rows[np.asarray(rows, dtype=np.int64)]
+        return clone
 
     def frames(self) -> np.ndarray:
         if self._frames is None or self._pid != os.getpid():

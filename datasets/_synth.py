@@ -615,9 +615,8 @@ def assemble(spec: TwinSpec, arrays: dict[str, np.ndarray], seed: int) -> Spurio
         splits=splits,
         average_kind=spec.average_kind,
         extra_metrics=spec.extra_metrics,
-        mean=(0.5, 0.5, 0.5),
-        std=(0.5, 0.5, 0.5),
         description=spec.description,
+        synthetic=spec.name,
         extra={
             "data_seed": seed,
             "generator_version": GENERATOR_VERSION,

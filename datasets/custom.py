@@ -32,8 +32,6 @@ import torch
 
 from bench.core.dataset import (
     AVERAGE_KINDS,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     SPLITS,
     FileImages,
     SpuriousDataset,
@@ -156,8 +154,6 @@ class CustomDataset(DatasetSource):
             attr_value_names=value_names,
             splits=splits,
             average_kind=average,
-            mean=IMAGENET_MEAN,
-            std=IMAGENET_STD,
             description=f"custom dataset from {csv_path}",
             data_fingerprint=data_fingerprint(data_root, [csv_path], files),
         )

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.core.artifacts import ArtifactStore
-from bench.core.backbones import Classifier
+from bench.core.backbones import Classifier, backbone_problem
 from bench.core.device_data import DeviceData
 from bench.core.errors import ConfigError
 
@@ -64,6 +64,8 @@ class Hparam:
     search: Callable[[np.random.Generator], Any] | None = None  # None: not tuned by sweeps
     # Values a user may plausibly try that belong elsewhere, each with the pointer shown in the error.
     refused: dict[Any, str] | None = None
+    # For values no fixed list can hold (any timm model): returns why a parsed value is invalid, or None.
+    check: Callable[[Any], str | None] | None = None
 
     def parse(self, name: str, value: Any) -> Any:
         """Convert a ``--hparams`` string (or a Python value) and check it; ConfigError if invalid."""
@@ -93,6 +95,8 @@ class Hparam:
             raise ConfigError(f"hparam {name}={parsed!r}: {self.refused[parsed]}")
         if self.choices is not None and parsed not in self.choices:
             raise ConfigError(f"hparam {name}={parsed!r}: choose one of {', '.join(map(str, self.choices))}")
+        if self.check is not None and (problem := self.check(parsed)):
+            raise ConfigError(f"hparam {name}={parsed!r}: {problem}")
         if self.low is not None and parsed < self.low:
             raise ConfigError(f"hparam {name}={parsed!r}: must be >= {self.low}")
         if self.high is not None and parsed > self.high:
@@ -115,8 +119,10 @@ def one_of(*values: Any) -> Callable[[np.random.Generator], Any]:
 
 # Shared by every method: the training protocol. Datasets set their own values (training_defaults).
 TRAINING_HPARAMS: dict[str, Hparam] = {
-    "backbone": Hparam("small-cnn", "network architecture", str, choices=("small-cnn", "resnet18", "resnet50")),
-    "pretrained": Hparam(False, "start from torchvision's ImageNet weights", bool),
+    "backbone": Hparam("small-cnn", "network architecture: a built-in backbone or timm/<model> (bench list)", str,
+                       check=backbone_problem),
+    "pretrained": Hparam(False, "start from the backbone's ImageNet weights (bench list says where they come from)",
+                         bool),
     "optimizer": Hparam("sgd", "optimiser of every model the method trains", str, choices=("sgd", "adam")),
     "lr": Hparam(1e-3, "learning rate", float, low=0.0, search=log_uniform(-4, -2)),
     "weight_decay": Hparam(1e-4, "L2 weight decay (torch convention)", float, low=0.0, search=log_uniform(-6, -2)),

@@ -163,7 +163,7 @@ def common_mode_report(run_dir: Path, n_examples: int = 512) -> str:
     import torch
     import torch.nn.functional as F
 
-    from bench.core.backbones import build_backbone
+    from bench.core.backbones import build_backbone, get_backbone
     from bench.core.device_data import DeviceData
     from bench.core.records import RunDir
 
@@ -171,8 +171,9 @@ def common_mode_report(run_dir: Path, n_examples: int = 512) -> str:
     config = run.read_config()
     checkpoint = torch.load(run.checkpoint, map_location="cpu", weights_only=False)
     dataset = load_dataset(config["dataset"], None, config["dataset_options"])
-    data = DeviceData(dataset, torch.device("cpu"), train_groups_allowed=False)
     hparams = config["hparams"]
+    data = DeviceData(dataset, torch.device("cpu"), train_groups_allowed=False,
+                      normalisation=get_backbone(hparams["backbone"]).input.normalisation)
     models = {}
     for name in ("student", "teacher"):
         model = build_backbone(hparams["backbone"], dataset.n_classes, dataset.image_shape[0])

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.core.backbones import build_backbone
+from bench.core.backbones import SYMMETRIC_NORMALISATION, build_backbone
 from bench.core.dataset import InMemoryImages, SpuriousDataset, make_split
 from bench.core.device_data import DeviceData
 from bench.core.metrics import GroupStructure
@@ -76,7 +76,7 @@ def build(cls: type[Method], dataset: SpuriousDataset, seed: int = 0) -> tuple[M
                             make_model=lambda: build_backbone("small-cnn", dataset.n_classes), seed=seed)
     method = cls(context)
     data = DeviceData(dataset, torch.device("cpu"), cls.uses_train_group_labels(hparams),
-                      masks_allowed=cls.uses_spurious_masks(hparams))
+                      normalisation=SYMMETRIC_NORMALISATION, masks_allowed=cls.uses_spurious_masks(hparams))
     return method, data
 
 

@@ -12,6 +12,7 @@ import torch
 from helpers import write_custom_dataset
 from PIL import Image
 
+from bench.core.backbones import SYMMETRIC_NORMALISATION
 from bench.core.dataset import FileImages, rgb_image
 from bench.core.device_data import DeviceData
 from bench.core.errors import DataError
@@ -133,7 +134,8 @@ def test_a_file_in_two_splits_is_warned_about(data, capsys):
 def test_an_unreadable_image_in_a_worker_process_is_the_same_one_line_error(data):
     (data / "img" / "train_1_blue_1.png").write_text("not an image, named .png")
     dataset = get_dataset("custom").load(data, {"image_size": 16})
-    device_data = DeviceData(dataset, torch.device("cpu"), train_groups_allowed=False, workers=1)
+    device_data = DeviceData(dataset, torch.device("cpu"), train_groups_allowed=False, workers=1,
+                             normalisation=SYMMETRIC_NORMALISATION)
     with pytest.raises(DataError) as info:
         list(device_data.iter_images("train", torch.arange(device_data.n("train")), 4, train=True))
     message = str(info.value)

@@ -297,7 +297,7 @@ def test_truncated_image_is_reported_by_path(tmp_path, capsys):
     victim.write_bytes(data[: int(len(data) * 0.6)])
     status, out, err = cli(capsys, "data", "check", "waterbirds", "--data-root", str(tmp_path), "--quiet")
     assert status == 2
-    assert f"1 of 28 image files cannot be read: {victim}" in err and "truncated" in err
+    assert f"1 of 28 image files cannot be read: {display_path(victim)}" in err and "truncated" in err
     assert f"unreadable: {display_path(victim)}" in out
     dataset = load("waterbirds", tmp_path)
     assert f"{victim}: cannot read image" in error_of(dataset.splits["train"].images.load, 2, False)
@@ -574,9 +574,10 @@ def test_bench_run_erm_on_waterbirds_fixture(tmp_path, capsys, monkeypatch):
 
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)  # never download in a test
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
     status, _, err = cli(capsys, *base)
-    assert status == 2 and "cannot get ImageNet weights for resnet18" in err and "pretrained=false" in err
+    assert status == 2 and "cannot get the pretrained weights of resnet18" in err and "pretrained=false" in err
     assert not (tmp_path / "out").exists()
 
     status, out, err = cli(capsys, *base, "--hparams", "pretrained=false")

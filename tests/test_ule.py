@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.core.backbones import Classifier, build_backbone
+from bench.core.backbones import SYMMETRIC_NORMALISATION, Classifier, build_backbone
 from bench.core.dataset import InMemoryImages, SpuriousDataset, make_split
 from bench.core.device_data import DeviceData
 from bench.core.errors import ConfigError
@@ -456,7 +456,8 @@ def test_trainer_records_teacher_and_student_and_resumes_the_warmup(tmp_path) ->
 
     def run(path, interrupt_after: int | None = None) -> ULE:
         method = fresh()
-        data = DeviceData(dataset, torch.device("cpu"), train_groups_allowed=False)
+        data = DeviceData(dataset, torch.device("cpu"), train_groups_allowed=False,
+                          normalisation=SYMMETRIC_NORMALISATION)
         epochs = {"n": 0}
 
         def on_epoch_end() -> None:

@@ -14,6 +14,8 @@ RGB through :func:`rgb_image` (16-bit greyscale is scaled, not clipped).
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,9 +33,6 @@ SPLITS = ("train", "val", "test")
 # The average a dataset reports as "its" average accuracy, named by kind (see bench.core.metrics).
 AVERAGE_KINDS = tuple(AVERAGES)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 class InMemoryImages:
     """Images held as one uint8 tensor ``[N, C, H, W]``; the trainer gathers batches by indexing."""
@@ -49,6 +48,9 @@ class InMemoryImages:
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.pixels.shape[1:])  # type: ignore[return-value]
+
+    def subset(self, rows: np.ndarray) -> InMemoryImages:
+        return InMemoryImages(self.pixels[torch.from_numpy(rows)])
 
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
@@ -94,6 +96,12 @@ class FileImages:
     def shape(self) -> tuple[int, int, int]:
         return self._shape
 
+    def subset(self, rows: np.ndarray) -> FileImages:
+        """The images at positions ``rows`` (a subclass keeps its own state: a copy with fewer paths)."""
+        clone = copy.copy(self)
+        clone.paths = [self.paths[int(i)] for i in rows]
+        return clone
+
     def load(self, index: int, train: bool) -> torch.Tensor:
         from PIL import Image
 
@@ -130,6 +138,11 @@ class Split:
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
+    def subset(self, rows: np.ndarray) -> Split:
+        index = torch.from_numpy(rows)
+        mask = self.spurious_mask[index] if self.spurious_mask is not None else None
+        return Split(self.name, self.y[index], self.attrs[index], self.group[index], self.images.subset(rows), mask)
+
 
 @dataclass
 class SpuriousDataset:
@@ -141,8 +154,6 @@ class SpuriousDataset:
     attr_value_names: list[list[str]]  # attr_value_names[k][v]: name of value v of attribute k
     splits: dict[str, Split]
     average_kind: str  # which average is this dataset's headline "average accuracy"
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # input normalisation
-    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     description: str = ""
     # Metric sets (bench.core.metrics.METRIC_SETS) reported beside worst-group accuracy and the average.
     extra_metrics: tuple[str, ...] = ()
@@ -151,6 +162,9 @@ class SpuriousDataset:
     # ``data_version`` identifies it instead.
     data_fingerprint: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # None for real data; the name of the synthetic twin the images come from otherwise: a twin itself,
+    # or a twin written in a real dataset's layout by `bench data export` (read by the real loader).
+    synthetic: str | None = None
 
     def __post_init__(self) -> None:
         if self.average_kind not in AVERAGE_KINDS:
@@ -206,6 +220,7 @@ class SpuriousDataset:
             "extra_metrics": list(self.extra_metrics),
             "group_counts": {split: self.group_counts(split) for split in self.splits},
             "image_shape": list(self.image_shape),
+            "synthetic": self.synthetic,
         }
 
 
@@ -240,3 +255,21 @@ def make_split(
             raise ValueError(f"split {name}: spurious mask of shape {tuple(spurious_mask.shape)}, expected {expected}")
     return Split(name=name, y=y, attrs=attrs, group=group_ids(y, attrs, attr_cardinalities), images=images,
                  spurious_mask=spurious_mask)
+
+
+def subsample(dataset: SpuriousDataset, fraction: float, seed: int = 0) -> SpuriousDataset:
+    """``dataset`` with ``fraction`` of each group of each split (rounded, at least one example of every
+    non-empty group), drawn without replacement by a generator seeded with ``seed`` and the split; the
+    kept examples stay in their order. ``extra`` is kept as loaded (it describes the whole dataset)."""
+    splits = {}
+    for name, split in dataset.splits.items():
+        rng = np.random.default_rng([seed, SPLITS.index(name)])
+        groups = split.group.numpy()
+        kept = []
+        for group in range(dataset.n_groups):
+            members = np.flatnonzero(groups == group)
+            if len(members):
+                kept.append(rng.choice(members, size=max(1, int(round(fraction * len(members)))), replace=False))
+        rows = np.sort(np.concatenate(kept)) if kept else np.zeros(0, dtype=np.int64)
+        splits[name] = split.subset(rows.astype(np.int64))
+    return dataclasses.replace(dataset, splits=splits)

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from bench.core.backbones import Normalisation
 from bench.core.dataset import FileImages, InMemoryImages, SpuriousDataset
 from bench.core.errors import DataError
 
@@ -31,21 +32,23 @@ class SpuriousMasksHidden(RuntimeError):
 class DeviceData:
     """The splits of a dataset on a device: batches, labels, predictions, features, group counts.
 
-    Images are normalised here (``(pixels/255 - mean) / std``, the dataset's own normalisation).
+    Images are normalised here, ``(pixels/255 - mean) / std``, with the normalisation of the backbone
+    that reads them (its :class:`bench.core.backbones.InputSpec`; the runner passes it).
     Training group labels are only handed out when ``train_groups_allowed``, the spurious-region masks
     of the synthetic twins only when ``masks_allowed``.
     """
 
     def __init__(self, dataset: SpuriousDataset, device: torch.device, train_groups_allowed: bool, workers: int = 0,
-                 masks_allowed: bool = False):
+                 *, normalisation: Normalisation, masks_allowed: bool = False):
         self._dataset = dataset
         self.device = device
         self.train_groups_allowed = train_groups_allowed
         self.masks_allowed = masks_allowed
         self.workers = workers
         self.n_groups = dataset.n_groups
-        self._mean = torch.tensor(dataset.mean, device=device).view(1, -1, 1, 1)
-        self._std = torch.tensor(dataset.std, device=device).view(1, -1, 1, 1)
+        self.normalisation = normalisation
+        self._mean = torch.tensor(normalisation.mean, device=device).view(1, -1, 1, 1)
+        self._std = torch.tensor(normalisation.std, device=device).view(1, -1, 1, 1)
         self._pixels: dict[str, torch.Tensor] = {}
         for name, split in dataset.splits.items():
             if isinstance(split.images, InMemoryImages):

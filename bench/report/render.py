@@ -12,13 +12,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bench.display import TERMINAL_WIDTH
 from bench.report.aggregate import Leaderboard
 from bench.report.compare import comparison_frame, published_tables
 from bench.report.load import RunIssue
 from bench.report.published import GAIN_METRIC, Published
 from bench.report.tables import ORACLE_MARK, Cell, Table, build_tables, header_lines, selection_lines
-
-MARKDOWN_WIDTH = 100  # a terminal's columns: every markdown line fits, tables included (split when wide)
 
 
 def report_tables(board: Leaderboard, published: Published | None = None) -> list[Table]:
@@ -35,7 +34,7 @@ def _wrap(text: str, width: int) -> str:
     return textwrap.fill(text, width, break_long_words=False, break_on_hyphens=False)
 
 
-def markdown_tables(table: Table, width: int = MARKDOWN_WIDTH) -> list[str]:
+def markdown_tables(table: Table, width: int = TERMINAL_WIDTH) -> list[str]:
     """The table in github markdown, split into several tables of the same rows when wider than ``width``:
     each repeats the table's ``keys`` label columns and takes as many of the other columns as fit."""
     from tabulate import tabulate
@@ -66,7 +65,7 @@ def markdown_tables(table: Table, width: int = MARKDOWN_WIDTH) -> list[str]:
     return [render(keys + chunk) for chunk in chunks]
 
 
-def to_markdown(board: Leaderboard, published: Published | None = None, width: int = MARKDOWN_WIDTH) -> str:
+def to_markdown(board: Leaderboard, published: Published | None = None, width: int = TERMINAL_WIDTH) -> str:
     """The report as markdown: header, selection rule, then every table with its notes; lines fit ``width``
     (text wrapped, wide tables split) except an unbreakable word such as a long path."""
     title = "# Leaderboard" + (" — ORACLE test selection" if board.oracle else "")

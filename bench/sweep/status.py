@@ -14,7 +14,7 @@ from submitit.core.utils import JobPaths
 from bench.core import records
 from bench.core.errors import ConfigError
 from bench.core.records import RunDir
-from bench.display import display_path
+from bench.display import TERMINAL_WIDTH, display_path
 from bench.run_lock import read_json
 from bench.sweep.plan import PlannedRun, plan
 from bench.sweep.presets import find_preset
@@ -102,11 +102,10 @@ def sweep_report(name: str, out: Path, runs: Sequence[PlannedRun], lines: int) -
     }
 
 
-WIDTH = 100  # a terminal's columns: every line is wrapped to fit (a long path excepted)
 
 
 def _wrap(text: str, indent: str, more: str) -> list[str]:
-    return textwrap.wrap(text, WIDTH, initial_indent=indent, subsequent_indent=more, break_long_words=False,
+    return textwrap.wrap(text, TERMINAL_WIDTH, initial_indent=indent, subsequent_indent=more, break_long_words=False,
                          break_on_hyphens=False) or [indent.rstrip()]
 
 
