@@ -16,9 +16,10 @@ import pytest
 from test_report import BIRDS_INFO, evaluation, model, write_run
 
 from bench.cli import main
-from bench.core.backbones import BACKBONES
+from bench.core.backbones import BUILT_IN
 from bench.core.errors import ConfigError
 from bench.core.selection import RULES
+from bench.display import TERMINAL_WIDTH
 from bench.report.aggregate import aggregate
 from bench.report.compare import compare
 from bench.report.load import load_results
@@ -28,7 +29,7 @@ from bench.report.published import (
     load_published,
     parse_published,
 )
-from bench.report.render import MARKDOWN_WIDTH, to_csv, to_html, to_latex, to_markdown
+from bench.report.render import to_csv, to_html, to_latex, to_markdown
 from datasets import dataset_names, get_dataset
 from methods import method_names
 
@@ -44,7 +45,7 @@ def test_every_published_number_names_real_things_and_a_source(number) -> None: 
     assert number.method in method_names()
     matched = fnmatch.filter(_real_datasets(), number.dataset)
     assert matched, f"{number.dataset} names no real dataset"
-    assert number.backbone in ("", *BACKBONES)
+    assert number.backbone in ("", *BUILT_IN)
     assert number.selection in ("", *RULES)
     low = 0.0 if number.metric.endswith("accuracy") or number.metric == "id_acc" else -100.0
     assert low <= number.value <= 100.0 and (number.std is None or 0.0 <= number.std <= 100.0)
@@ -166,7 +167,7 @@ def test_every_format_carries_the_published_numbers_and_their_sources(results: P
     flat = " ".join(markdown.split())
     assert "| dfr | waterbirds | 85.0 ± 7.1 | 92.0 ± 0.9 | -7.0‡ | dfr-readme |" in " ".join(flat.split())
     assert "n/c: twin" in flat and "Sources of the published numbers: [dfr-readme]" in flat and reference in flat
-    assert max(len(line) for line in markdown.splitlines() if line.startswith("|")) <= MARKDOWN_WIDTH
+    assert max(len(line) for line in markdown.splitlines() if line.startswith("|")) <= TERMINAL_WIDTH
     latex, html = to_latex(board, PUBLISHED), to_html(board, (), PUBLISHED)
     assert "dfr-readme" in latex and "92.0 $\\pm$ 0.9" in latex and "n/c: twin" in latex
     assert "-7.0\\ddag{}" in latex  # the caveat mark, as a LaTeX command
@@ -187,4 +188,4 @@ def test_report_published_cli_fits_a_terminal(results: Path, capsys, monkeypatch
     assert main(["report", "results", "--published", "--no-files"]) == 0
     printed = capsys.readouterr().out
     assert "Published and ours: worst-group accuracy" in printed and "dfr-readme" in printed
-    assert max(len(line) for line in printed.splitlines()) <= MARKDOWN_WIDTH, max(printed.splitlines(), key=len)
+    assert max(len(line) for line in printed.splitlines()) <= TERMINAL_WIDTH, max(printed.splitlines(), key=len)
