@@ -83,8 +83,9 @@ def _backbone_table() -> str:
     from bench.core.backbones import BUILT_IN, TIMM_PREFIX
 
     rows = [[backbone.name, f"{backbone.input.size} px, {backbone.input.normalisation.describe()}",
-             backbone.pretrained_weights, backbone.description] for backbone in BUILT_IN.values()]
-    return (fit_table(rows, ["backbone", "input", "pretrained=true loads", "description"]) + "\n"
+             backbone.pretrained_weights] for backbone in BUILT_IN.values()]
+    # The descriptions are in ``bench list --long``: with them no column here would be readable in 100.
+    return (fit_table(rows, ["backbone", "input", "pretrained=true loads"]) + "\n"
             + textwrap.fill(f"Any timm model is a backbone too: --backbone {TIMM_PREFIX}<model>, e.g. "
                             f"{TIMM_PREFIX}convnext_tiny (names: python -c 'import timm; print(timm.list_models())'); "
                             "its input size and normalisation come from timm's pretrained_cfg, its pretrained "
