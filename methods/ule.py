@@ -22,7 +22,7 @@ from methods.base import Batch, Hparam, Method, MethodContext, Stage, log_unifor
 NORM_EPS = 1e-8
 
 GRAD_TARGETS = ("logit_centred", "logit_true", "loss", "logit_pred", "prob_true")
-GRAD_NORMS = ("maxabs", "student_maxabs", "l2", "none")
+GRAD_NORMS = ("student_maxabs", "maxabs", "l2", "none")
 DISTANCES = ("mse", "cosine", "orthogonal")
 READINGS = ("saliency", "finite_step")
 STEP_DIRECTIONS = ("sign", "l2")
@@ -167,8 +167,8 @@ class ULE(Method):
         c_M(x) = M(x)_y - mean_k M(x)_k         # centred true-class logit of model M
         g_S = stopgrad(d c_S(x) / dx)           # per example
         g_T = d c_T(x) / dx                     # with create_graph: the penalty trains T
-        L_T = CE(T(x), y) + penalty_weight * MSE(N(g_T), -N(g_S))
-        N(g) = g / (max |g| over the example + 1e-8)
+        L_T = CE(T(x), y) + penalty_weight * MSE(g_T / m_S, -g_S / m_S)
+        m_S = max |g_S| over the example + 1e-8  # the student's scale, for both maps
 
     Known from the paper (abstract): the two models, the same batches, the unconstrained student,
     the teacher using the gradient of the student's output with respect to the input, no group
@@ -176,15 +176,19 @@ class ULE(Method):
     true-class logit as "output" (the raw logit, ``logit_true``, was our first default; it lets
     the teacher meet the penalty through a shift of all its logits that the softmax ignores,
     without changing a prediction, as measured in docs/ule.md; for two classes the centred logit
-    is half the margin, the single logit of dULE's binary model), max-abs normalisation and MSE
-    to the negated map (as in dULE), a detached
+    is half the margin, the single logit of dULE's binary model), MSE to the negated map with both
+    maps divided by the student's per-example max-abs (dULE divides each map by its own max-abs, our
+    first default, ``grad_norm=maxabs``: it let teachers collapse to chance, see
+    :func:`saliency_penalty` and docs/ule.md), a detached
     student gradient, penalty_weight = 1, the student stepping before the teacher on the same
     batch (the order does not matter: the student's gradient is taken before its step), and
     the optional warm-up. The per-dataset defaults in ``defaults_per_dataset`` say where they come from.
 
-    Knobs: ``penalty_weight`` (lambda), ``grad_target`` (logit_centred | logit_true | loss | logit_pred),
-    ``grad_norm`` (maxabs | l2 | none), ``distance`` (mse | cosine | orthogonal),
-    ``warmup_epochs`` (epochs with the penalty off).
+    Knobs: ``penalty_weight`` (lambda), ``grad_target`` (logit_centred | logit_true | loss | logit_pred |
+    prob_true), ``grad_norm`` (student_maxabs | maxabs | l2 | none), ``distance`` (mse | cosine |
+    orthogonal), ``warmup_epochs`` (epochs with the penalty off), ``penalty_epochs`` and
+    ``freeze_student_after`` (schedules), ``reading`` (saliency | finite_step) with ``step_size`` and
+    ``step_direction``.
 
     Cost: one forward pass per model per step. The student needs two vector-Jacobian products
     of the same forward graph (one-hot(y) - 1/K for g_S, dCE/dlogits for its parameters), so it runs
@@ -217,9 +221,11 @@ class ULE(Method):
             choices=GRAD_TARGETS,
         ),
         "grad_norm": Hparam(
-            "maxabs",
-            "per-example normalisation of both input gradients before the distance (only changes mse): "
-            "divide by the largest absolute entry, by the L2 norm, or not at all",
+            "student_maxabs",
+            "per-example normalisation of the input gradients before the distance (only changes mse): divide "
+            "both by the student's largest absolute entry (the teacher's scale is not divided out, so a flat "
+            "teacher cannot meet the penalty), each by its own largest absolute entry (dULE; teachers collapse "
+            "to chance), each by its L2 norm, or not at all",
             str,
             choices=GRAD_NORMS,
         ),

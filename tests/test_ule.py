@@ -359,6 +359,9 @@ def test_a_penalty_normalised_by_the_teachers_own_scale_outweighs_the_ce_of_a_fl
     # Normalised by the student's scale, the penalty shrinks with the teacher's output like the CE.
     shared = [_penalty_to_ce_gradient_ratio("student_maxabs", scale) for scale in (1.0, 1e-2, 1e-4)]
     assert max(shared) < 2 * shared[0], shared
+    # ULE's default is the normalisation that does not collapse (it was maxabs: this line failed then).
+    default = ULE.own_hparams["grad_norm"].default
+    assert max(_penalty_to_ce_gradient_ratio(default, scale) for scale in (1.0, 1e-2, 1e-4)) < 2 * shared[0]
 
 
 # ------------------------------------------------------------------------------------------------
