@@ -33,13 +33,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# (label, method, hparam overrides): the default ULE step, the one-backward student variant, and a
-# warm-up step (penalty off: two plain ERM steps).
+# (label, method, hparam overrides): the default ULE step, the one-backward student variant, the
+# finite-step reading (no double backward), a frozen student, and a warm-up step (penalty off: two
+# plain ERM steps).
 SETTINGS: list[tuple[str, str, dict[str, Any]]] = [
     ("erm", "erm", {}),
     ("ule (default: logit_centred, mse)", "ule", {}),
     ("ule (grad_target=logit_true)", "ule", {"grad_target": "logit_true"}),
     ("ule (grad_target=loss)", "ule", {"grad_target": "loss"}),
+    ("ule (reading=finite_step)", "ule", {"reading": "finite_step"}),
+    ("ule (student frozen: freeze_student_after=1)", "ule", {"freeze_student_after": 1}),
     ("ule (warm-up epoch, penalty off)", "ule", {"warmup_epochs": 1}),
 ]
 
@@ -71,7 +74,10 @@ def _build(method_name: str, overrides: dict[str, Any], backbone: str, seed: int
     torch.manual_seed(seed)
     context = MethodContext(hparams=hparams, dataset_info={"n_classes": 2, "n_groups": 4},
                             device=torch.device("cpu"), make_model=lambda: build_backbone(backbone, 2), seed=seed)
-    return method_cls(context)
+    method = method_cls(context)
+    if int(hparams.get("freeze_student_after", 0)):  # time the steps after the student is frozen
+        method.begin_epoch(method.stages()[0], int(hparams["freeze_student_after"]))
+    return method
 
 
 def _batch(batch_size: int, image_size: int) -> Any:
