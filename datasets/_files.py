@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.core.dataset import FileImages
+from bench.core.dataset import FileImages, FrameImages, FrameTransform
 from bench.core.errors import ConfigError, DataError
 from datasets import DatasetSource
 
@@ -347,12 +347,13 @@ def open_cache(path: Path, n_images: int, frame: tuple[int, int]) -> np.ndarray 
     return array
 
 
-class CachedImages(FileImages):
+class CachedImages(FrameImages):
     """A split's images read from the cache memmap; ``paths`` still name the source files.
 
     ``load``/``load_batch`` gather the uint8 frames of the requested rows and apply the pipeline's
-    crop/flip on them. The memmap is opened lazily in each process (DataLoader workers included)
-    and never pickled.
+    crop/flip on them; the trainer may instead gather whole frames (``frames()``, ``rows``) and apply
+    ``transform`` on the device. The memmap is opened lazily in each process (DataLoader workers
+    included) and never pickled.
     """
 
     def __init__(self, paths: Sequence[Path], rows: Sequence[int], cache_file: Path, n_rows: int,
@@ -360,6 +361,7 @@ class CachedImages(FileImages):
         train_transform, eval_transform = pipeline.file_transforms()
         super().__init__(paths, train_transform, eval_transform, pipeline.shape)
         self.rows = np.asarray(rows, dtype=np.int64)
+        self.transform = FrameTransform(pipeline.crop, pipeline.augment, pipeline.crop_scale, pipeline.crop_ratio)
         self.cache_file = cache_file
         self.n_rows = n_rows
         self.pipeline = pipeline

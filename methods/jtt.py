@@ -164,7 +164,7 @@ class JTT(Method):
 
     def update(self, batch: Batch) -> dict[str, float]:
         assert self.model is not None and self.optimizer is not None
-        logits, loss = erm_step(self.model, self.optimizer, batch.x, batch.y)
+        logits, loss = erm_step(self.model, self.optimizer, batch.x, batch.y, self.precision)
         if self._collecting:
             # The logits were computed before the optimiser step, as the reference records its
             # training-pass outputs.

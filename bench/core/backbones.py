@@ -134,3 +134,27 @@ def build_backbone(
     if name not in BACKBONES:
         raise ConfigError(f"unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}")
     return BACKBONES[name](n_classes, in_channels, pretrained, weights)
+
+
+def memory_format(device: torch.device) -> torch.memory_format:
+    """The memory format of the backbones' weights and input batches on ``device``.
+
+    Every backbone here is convolutional. On CUDA, channels-last (NHWC) lets cuDNN use its tensor-core
+    convolution kernels without transposing every activation (the larger gain under bf16/fp16); on
+    the CPU the default (NCHW) layout is kept, so CPU runs compute exactly what they always did.
+    """
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
+def compile_model(model: nn.Module) -> None:
+    """Compile ``model``'s forward pass in place (``nn.Module.compile``: its ``state_dict`` keys stay those
+    of the plain module, so checkpoints of compiled and plain runs load into each other).
+
+    Methods take several backward passes over one forward graph (``retain_graph``: ULE's student, fp16's
+    input gradients), which AOTAutograd's donated buffers forbid; they are a memory optimisation only,
+    so they are turned off.
+    """
+    import torch._functorch.config
+
+    torch._functorch.config.donated_buffer = False
+    model.compile()
