@@ -146,6 +146,11 @@ def memory_format(device: torch.device) -> torch.memory_format:
     return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
 
+# torch.compile's backend. Tests set "aot_eager": the same graph capture and compiled autograd, without
+# generating kernels (which takes about a minute on a CPU).
+COMPILE_BACKEND = "inductor"
+
+
 def compile_model(model: nn.Module) -> None:
     """Compile ``model``'s forward pass in place (``nn.Module.compile``: its ``state_dict`` keys stay those
     of the plain module, so checkpoints of compiled and plain runs load into each other).
@@ -157,4 +162,4 @@ def compile_model(model: nn.Module) -> None:
     import torch._functorch.config
 
     torch._functorch.config.donated_buffer = False
-    model.compile()
+    model.compile(backend=COMPILE_BACKEND)
