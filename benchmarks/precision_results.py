@@ -14,6 +14,8 @@ only difference between two columns of one seed is the arithmetic (and what it c
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import statistics
 import sys
@@ -35,10 +37,11 @@ def run_pair(method: str, dataset: str, precision: str, seeds: int, epochs: int 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     started = time.perf_counter()
     arguments = ["run", "--method", method, "--dataset", dataset, "--seeds", str(seeds), "--precision", precision,
-                 "--out", out, "--quiet", "--json"]
+                 "--out", out, "--quiet"]
     if epochs is not None:
         arguments += ["--epochs", str(epochs)]
-    status = bench(arguments)
+    with contextlib.redirect_stdout(io.StringIO()):  # its own table; the comparison is printed below
+        status = bench(arguments)
     seconds = time.perf_counter() - started
     print(f"{method} {precision}: exit {status}, {seconds:.0f} s", file=sys.stderr, flush=True)
     return f"{method} {precision}", seconds
