@@ -144,7 +144,8 @@ class JTT(Method):
             was_training = self.model.training
             self.model.eval()
             with torch.no_grad():
-                predictions = self.model(data.images("train", unseen, train=False)).argmax(dim=1).cpu()
+                images = data.images("train", unseen, train=False)
+                predictions = self.precision.forward(self.model, images).argmax(dim=1).cpu()
             self.model.train(was_training)
             wrong[unseen] = predictions != labels[unseen]
         return torch.nonzero(wrong).flatten()
