@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from bench.core.dataset import FileImages, FrameImages, FrameTransform
 from bench.core.errors import ConfigError, DataError
+from bench.core.frame_batches import centre_offsets
 from datasets import DatasetSource
 
 CACHE_FORMAT_VERSION = 1  # bump when the cached frames of the same files would differ
@@ -228,7 +229,7 @@ class ImagePipeline:
         """
         if train and self.augment == "resized_crop_flip":
             return self._resized_crop_flip(frames, rows)
-        top, left = _center_offsets(frames.shape[-2:], self.crop)
+        top, left = centre_offsets(tuple(frames.shape[-2:]), self.crop)  # type: ignore[arg-type]
         cropped = torch.empty((len(rows), 3, *self.crop), dtype=torch.uint8)
         window = np.s_[:, top : top + self.crop[0], left : left + self.crop[1]]
         buffer = cropped.numpy()  # shares memory with ``cropped``
@@ -271,11 +272,6 @@ def _colour_ops() -> list[Any]:
     from torchvision import transforms as T
 
     return [T.RandomHorizontalFlip(), T.ColorJitter(0.3, 0.3, 0.3, 0.3), T.RandomGrayscale()]
-
-
-def _center_offsets(size: Sequence[int], crop: tuple[int, int]) -> tuple[int, int]:
-    """(top, left) of a centred crop, with torchvision CenterCrop's rounding: int(round((H - h) / 2))."""
-    return int(round((size[0] - crop[0]) / 2.0)), int(round((size[1] - crop[1]) / 2.0))
 
 
 def _random_flip(image: torch.Tensor) -> torch.Tensor:

@@ -143,16 +143,18 @@ class DeviceData:
         self, split: str, order: torch.Tensor, batch_size: int, train: bool, seed: int | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(index chunk, images) pairs of ``order`` in batches; ``seed``: the epoch's augmentation seed
-        (training batches of file-backed splits; None: the global generator, on the host)."""
+        (training batches of file-backed splits; None: one drawn from the global generator, here)."""
         chunks = list(self.batches(order, batch_size, train))
-        seeds = batch_seeds(seed if train else None, len(chunks))
         if split in self._pixels:
             for chunk in chunks:
                 yield chunk, self.images(split, chunk, train)
             return
+        if train and seed is None:
+            seed = int(torch.randint(2**62, (1,)))
+        seeds = batch_seeds(seed if train else None, len(chunks))
         source = self._dataset.splits[split].images
         if isinstance(source, FrameImages) and self.frames_on_device and (not train or source.transform.on_device):
-            yield from self._frames_on_device(source, chunks, seeds, train)
+            yield from self._frames_on_device(source, chunks, seeds)
         elif self.workers > 0:
             if self._file_loader is None:
                 self._file_loader = FileBatchLoader(self._dataset, self.workers, self.device)
@@ -165,8 +167,10 @@ class DeviceData:
             for chunk, batch_seed in zip(chunks, seeds):
                 yield chunk, self.images(split, chunk, train, batch_seed)
 
-    def _frames_on_device(self, source: FrameImages, chunks: list[torch.Tensor], seeds: list[int | None],
-                          train: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _frames_on_device(self, source: FrameImages, chunks: list[torch.Tensor], seeds: list[int | None]
+                          ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The device path: whole frames gathered and copied by the prefetch thread, transformed here
+        (``seeds``: a training batch's augmentation seed, None for evaluation batches)."""
         copy = copier(self.device)
 
         def gathered() -> Iterator[InFlight]:  # runs in the prefetch thread
@@ -178,8 +182,8 @@ class DeviceData:
                 for i, row in enumerate(rows):  # row by row: several times faster than a fancy index on a memmap
                     buffer[i] = frames[row]
                 boxes = None
-                if train:
-                    generator = torch.Generator().manual_seed(batch_seed) if batch_seed is not None else None
+                if batch_seed is not None:  # a training batch
+                    generator = torch.Generator().manual_seed(batch_seed)
                     boxes = draw_boxes(len(rows), tuple(frames.shape[-2:]), source.transform, generator)
                 yield copy((pixels,), boxes)
 
