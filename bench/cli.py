@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.core.errors import BenchError
-from bench.core.precision import PRECISIONS
+from bench.core.precision_names import PRECISIONS
 from bench.core.selection import DEFAULT_RULE, RULES
 from bench.display import display_path
 

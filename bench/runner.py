@@ -25,7 +25,8 @@ from bench.core.backbones import INPUT_SIZE, build_backbone, memory_format
 from bench.core.device_data import DeviceData
 from bench.core.errors import ConfigError, DataError
 from bench.core.metrics import GroupStructure
-from bench.core.precision import DEFAULT_PRECISION, Precision, check_available, check_name
+from bench.core.precision import Precision, check_available
+from bench.core.precision_names import DEFAULT_PRECISION, check_name
 from bench.core.records import RunDir
 from bench.trainer import (
     NonFiniteLossError,

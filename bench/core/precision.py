@@ -28,22 +28,14 @@ import torch
 from torch import nn
 
 from bench.core.errors import ConfigError
+from bench.core.precision_names import DEFAULT_PRECISION, check_name
 
-PRECISIONS = ("fp32", "bf16", "fp16")
-DEFAULT_PRECISION = "fp32"
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 # The input-gradient scale follows GradScaler's defaults: start at 2**16, halve on overflow, double
 # after this many input gradients in a row without one.
 INPUT_SCALE_INIT = 2.0**16
 INPUT_SCALE_GROWTH_INTERVAL = 2000
-
-
-def check_name(name: str) -> str:
-    """``name`` if it is a precision, else a ConfigError naming the choices."""
-    if name not in PRECISIONS:
-        raise ConfigError(f"--precision {name!r}: choose one of {', '.join(PRECISIONS)}")
-    return name
 
 
 class Precision:

@@ -10,7 +10,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from bench.core.precision import PRECISIONS
+from bench.core.precision_names import PRECISIONS
 from bench.core.selection import DEFAULT_RULE
 from bench.display import display_path
 from bench.sweep.launchers import LAUNCHERS, REGISTRY

@@ -12,7 +12,7 @@ from typing import Any
 
 from bench.core import records
 from bench.core.errors import ConfigError
-from bench.core.precision import DEFAULT_PRECISION, check_name
+from bench.core.precision_names import DEFAULT_PRECISION, check_name
 from bench.core.selection import DEFAULT_RULE, RULES
 
 STAGES = ("all", "search", "seeds")
