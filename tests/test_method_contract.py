@@ -50,9 +50,10 @@ def test_one_step_in_mixed_precision_agrees_with_fp32(name: str, precision: str)
     check_precision_agrees_with_fp32(get_method(name), precision)
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
 @pytest.mark.parametrize("name", METHODS)
-def test_resume_equals_uninterrupted_in_fp16(name: str, tmp_path: Path) -> None:
-    check_resume_equals_uninterrupted(get_method(name), tmp_path, precision="fp16")
+def test_resume_equals_uninterrupted_in_mixed_precision(name: str, precision: str, tmp_path: Path) -> None:
+    check_resume_equals_uninterrupted(get_method(name), tmp_path, precision=precision)
 
 
 @pytest.mark.parametrize("name", METHODS)
