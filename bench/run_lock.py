@@ -6,6 +6,12 @@ taken under an ``flock`` of ``.lock`` and deleted when the process ends. A lock 
 (dead pid on the same host; a SLURM job that no longer runs; else a heartbeat older than 5 minutes)
 is stale and is taken over, which is how a killed or requeued run resumes.
 
+Every training path takes it through :func:`hold_run` (``bench run`` in ``bench.runner.execute``, a
+sweep's job in ``bench.sweep.jobs.run_task``): a second process that finds the run held raises
+:class:`RunHeldError` (the CLI prints which process holds it and exits 2), or waits for it with
+``wait=True``. The hold is re-entrant within a process, so a sweep's job holds the run around
+``execute``, which holds it again.
+
 Liveness is asked of the operating system (``/proc``) for processes on this host and of SLURM
 (``squeue``, ``sacct``) for jobs; :func:`slurm_job_states` also tells the sweep's launchers and
 ``bench status`` which runs are queued.
@@ -30,11 +36,13 @@ from typing import Any
 from bench.core import records
 from bench.core.errors import BenchError
 from bench.core.records import RunDir
+from bench.display import display_path
 
 RUNNING = "running.json"
 LOCK = ".lock"
 
 HEARTBEAT_SECONDS = 30.0
+WAIT_POLL_SECONDS = 5.0  # how often a process waiting for a held run (hold_run(wait=True)) looks again
 STALE_AFTER_SECONDS = 300.0  # a heartbeat this old means the holder is gone (when nothing better can tell)
 
 # SLURM job states (squeue %T / sacct State) that end a job without it having finished its run.
@@ -210,7 +218,10 @@ class RunLock:
                 if current is None or current.get("token") != self.token:
                     return  # taken over (we were presumed dead): stop touching it
                 self._info["heartbeat"] = time.time()
-                records.atomic_write_json(self.path, self._info)
+                try:
+                    records.atomic_write_json(self.path, self._info)
+                except BenchError:  # a full disk: the next beat tries again; the training reports it
+                    pass
 
     def release(self) -> None:
         self._stop.set()
@@ -220,3 +231,60 @@ class RunLock:
             current = read_json(self.path)
             if current is not None and current.get("token") == self.token:
                 self.path.unlink(missing_ok=True)
+
+
+class RunHeldError(BenchError):
+    """Another live process holds the run's lock."""
+
+    def __init__(self, run_dir: RunDir, holder: dict[str, Any]) -> None:
+        self.holder = holder
+        super().__init__(f"{display_path(run_dir.path)}: already being trained by {describe_holder(holder)}; "
+                         "not started twice (--wait waits for it to finish; `bench status` shows it)")
+
+
+def describe_holder(holder: dict[str, Any]) -> str:
+    """``host H pid P`` of a running.json, with its SLURM job and start time when known."""
+    text = f"host {holder.get('host')} pid {holder.get('pid')}"
+    if holder.get("slurm_job_id"):
+        text += f" (SLURM job {holder['slurm_job_id']})"
+    started = holder.get("started")
+    if isinstance(started, (int, float)):
+        text += f", started {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(started))}"
+    return text
+
+
+_HELD: dict[Path, int] = {}  # run folders this process holds, with how many nested holds
+
+
+@contextmanager
+def hold_run(run_dir: RunDir, wait: bool = False, on_wait: Any = None) -> Iterator[None]:
+    """Hold the run's lock for the block (creating the run folder). A live holder elsewhere raises
+    :class:`RunHeldError`, or with ``wait`` is waited for (``on_wait(holder)`` is called once, e.g. to say
+    so). Re-entrant within this process."""
+    key = run_dir.path.resolve()
+    if key in _HELD:
+        _HELD[key] += 1
+        try:
+            yield
+        finally:
+            _HELD[key] -= 1
+        return
+    try:
+        run_dir.path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise records.RecordWriteError(run_dir.path, error) from None
+    lock = RunLock(run_dir)
+    told = False
+    while (holder := lock.acquire()) is not None:
+        if not wait:
+            raise RunHeldError(run_dir, holder)
+        if not told and on_wait is not None:
+            on_wait(holder)
+        told = True
+        time.sleep(WAIT_POLL_SECONDS)
+    _HELD[key] = 1
+    try:
+        yield
+    finally:
+        del _HELD[key]
+        lock.release()

@@ -2,12 +2,16 @@
 
 Used by ``bench run`` (seeds one after another in this process) and by sweeps (one run per job).
 Everything that can be wrong with the user's input is checked in :func:`prepare` before any file
-is written, so bad input leaves nothing half-written on disk.
+is written, so bad input leaves nothing half-written on disk. A run is trained under its lock
+(``bench.run_lock.hold_run``); a user error met while training (an unreadable image, a damaged
+checkpoint or metrics file) is recorded in failed.json before it is raised, so that a run never
+looks resumable or done when it is neither.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import platform
 import subprocess
 import sys
@@ -21,13 +25,14 @@ import torch
 
 from bench.core import records
 from bench.core.artifacts import ArtifactStore
-from bench.core.backbones import INPUT_SIZE, build_backbone, memory_format
+from bench.core.backbones import get_backbone, memory_format
 from bench.core.device_data import DeviceData
-from bench.core.errors import ConfigError, DataError
+from bench.core.errors import BenchError, ConfigError, DataError
 from bench.core.metrics import GroupStructure
 from bench.core.precision import Precision, check_available
 from bench.core.precision_names import DEFAULT_PRECISION, check_name
 from bench.core.records import RunDir
+from bench.run_lock import describe_holder, hold_run
 from bench.trainer import (
     NonFiniteLossError,
     Progress,
@@ -37,7 +42,7 @@ from bench.trainer import (
     train,
     use_deterministic_kernels,
 )
-from datasets import get_dataset, load_dataset
+from datasets import get_dataset, load_dataset, resolve_data_root
 from methods import get_method
 from methods.base import (
     TRAINING_HPARAMS,
@@ -77,6 +82,8 @@ class RunRequest:
     # the default (fp32, not compiled): they change the numbers a run computes, beyond rounding order.
     precision: str = DEFAULT_PRECISION
     compile: bool = False
+    # Wait for another process that holds a run's lock instead of stopping with an error.
+    wait: bool = False
 
 
 @dataclass
@@ -86,6 +93,8 @@ class PreparedRun:
     request: RunRequest
     identity: dict[str, Any]  # what defines the run (hashed into its folder name)
     device: torch.device
+    # The weights file the backbone starts from (bench.core.weights.LoadedWeights.record()), None: random.
+    backbone_weights: dict[str, str] | None = None
 
     @property
     def hparams(self) -> dict[str, Any]:
@@ -96,9 +105,15 @@ class PreparedRun:
 
 
 def run_identity(request: RunRequest) -> dict[str, Any]:
-    """What defines the run (hence its folder), resolved and validated without loading data or building
-    a model, so that sweeps can plan thousands of runs in seconds. Sets ``dataset_options["image_size"]``
-    as :func:`prepare` does."""
+    """What defines the run (hence its folder), resolved and validated without building a model, so that
+    sweeps can plan thousands of runs in seconds. Sets ``dataset_options["image_size"]`` as :func:`prepare`
+    does.
+
+    The identity covers the data the run reads: a synthetic twin's ``data_version`` (the code that
+    generates it), and for a dataset read from files its ``data_fingerprint`` (the index files' content,
+    every image file's path, size and modification time). The fingerprint needs the dataset loaded;
+    ``datasets.load_dataset`` memoises that per process, so a sweep loads each dataset once.
+    """
     method_cls = get_method(request.method)
     source = get_dataset(request.dataset)
     overrides: dict[str, Any] = parse_overrides(request.hparam_overrides)
@@ -117,8 +132,12 @@ def run_identity(request: RunRequest) -> dict[str, Any]:
     # The method's dataset options for this dataset (DFR's base-model augmentation), under the user's.
     for key, value in method_cls.data_options_per_dataset.get(request.dataset, {}).items():
         request.dataset_options.setdefault(key, value)
+    # A twin exported as files (bench data export) is trained at the size it was written at by default.
+    marker = source.export_marker(resolve_data_root(request.data_root))
     if source.accepts_image_size:
-        request.dataset_options.setdefault("image_size", INPUT_SIZE[hparams["backbone"]])
+        default_size = marker["image_size"] if marker else get_backbone(hparams["backbone"]).input.size
+        request.dataset_options.setdefault("image_size", default_size)
+    source.check_options(request.dataset_options)
     weights = Path(request.weights).expanduser().resolve() if request.weights else None
     identity = {
         "method": request.method,
@@ -127,7 +146,6 @@ def run_identity(request: RunRequest) -> dict[str, Any]:
         "hparams": hparams,
         "weights": str(weights) if weights else None,
     }
-    # Only where a source has one, so that the identities of datasets read from files stay as they were.
     if data_version := source.data_version():
         identity["data_version"] = data_version
     # Likewise only when not the default, so that every float32, uncompiled run keeps its identity.
@@ -137,13 +155,35 @@ def run_identity(request: RunRequest) -> dict[str, Any]:
         if reason := method_cls.double_backward(hparams):
             raise ConfigError(f"--compile: {reason}, which torch.compile cannot compile; run without --compile")
         identity["compile"] = True
+    if source.needs_data_root:
+        dataset = load_dataset(request.dataset, request.data_root, request.dataset_options)
+        identity["data_fingerprint"] = dataset.data_fingerprint
+    # An exported twin says so in its identity (its fingerprint alone already tells it from the real files).
+    if marker:
+        identity["synthetic_export"] = {key: marker[key] for key in ("twin", "data_version", "image_size")}
     return identity
+
+
+def check_out_folder(out: str | Path) -> None:
+    """ConfigError unless ``out`` is (or can be made) a folder this process can write in; writes nothing."""
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out {out}: is a file, not a folder; pass the folder to write the results in")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"--out {out}: {existing} is a file, not a folder; pass another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: cannot write in {existing} (read-only file system or no permission); "
+                          "pass a folder you can write to")
 
 
 def prepare(request: RunRequest) -> PreparedRun:
     """Resolve and validate a request; loads the dataset and builds the model once to fail early."""
     identity = run_identity(request)
     hparams = identity["hparams"]
+    check_out_folder(request.out)
     dataset = load_dataset(request.dataset, request.data_root, request.dataset_options)
     if get_method(request.method).uses_spurious_masks(hparams) and not dataset.has_spurious_masks:
         raise ConfigError(f"method {request.method} needs the spurious-region masks that only some synthetic twins "
@@ -151,8 +191,11 @@ def prepare(request: RunRequest) -> PreparedRun:
     device = pick_device(request.device)
     check_available(request.precision, device)
     weights = Path(identity["weights"]) if identity["weights"] else None
-    build_backbone(hparams["backbone"], dataset.n_classes, dataset.image_shape[0], hparams["pretrained"], weights)
-    return PreparedRun(request=request, identity=identity, device=device)
+    backbone = get_backbone(hparams["backbone"])
+    backbone.check_image_size(dataset.image_shape)
+    model = backbone.build(dataset.n_classes, dataset.image_shape[0], hparams["pretrained"], weights)
+    loaded = model.loaded_weights.record() if model.loaded_weights is not None else None
+    return PreparedRun(request=request, identity=identity, device=device, backbone_weights=loaded)
 
 
 def _git_commit() -> str | None:
@@ -215,27 +258,85 @@ def _base_run(run_dir: RunDir, out: str, decided: str | None) -> BaseRun | None:
     return BaseRun(source=decided, load_state=load_state)
 
 
-def execute(prepared: PreparedRun, seed: int, quiet: bool = False, force: bool = False) -> dict[str, Any]:
-    """Train one seed (or return its finished result); writes the run folder. Returns final.json's content,
-    or a failure record (also written as failed.json) if training raised."""
-    request = prepared.request
-    run_dir = prepared.run_dir(seed)
-    if run_dir.is_done() and not force:
-        return {**run_dir.read_final(), "skipped": True}
-    if force and run_dir.path.exists():
-        for name in (records.FINAL_FILE, records.FAILED_FILE, records.CHECKPOINT_FILE, records.METRICS_FILE,
-                     records.CONFIG_FILE):
-            (run_dir.path / name).unlink(missing_ok=True)
-    run_dir.failed.unlink(missing_ok=True)
+# What a resumed run must find in config.json as the dataset gives it now: the group structure its
+# records count under (the names of classes, attribute values and groups, in order) and the counts.
+RESUME_CHECKED_INFO = ("class_names", "attr_names", "attr_value_names", "group_names", "group_counts")
 
+
+def check_resumed_groups(run_dir: RunDir, recorded: dict[str, Any], info: dict[str, Any]) -> None:
+    """DataError when the dataset's groups differ from those the run started with (its config.json)."""
+    started = recorded.get("dataset_info") or {}
+    for key in RESUME_CHECKED_INFO:
+        if key in started and started[key] != info[key]:
+            raise DataError(
+                f"{run_dir.config}: the dataset's {key.replace('_', ' ')} are now {_brief(info[key])}, but this run "
+                f"started with {_brief(started[key])}; its records would count under the wrong groups, so it "
+                "cannot resume: rerun with --force to restart it")
+
+
+def _brief(value: Any, limit: int = 120) -> str:
+    text = records.canonical_json(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def finished_result(run_dir: RunDir) -> dict[str, Any] | None:
+    """final.json's content marked ``skipped`` when the run is done; None when it is not; DataError when
+    a final.json is there but does not record a finished run."""
+    problem = run_dir.final_problem()
+    if problem is not None:
+        raise DataError(f"{problem}; the run's result is lost: rerun with --force to train it again")
+    return {**run_dir.read_final(), "skipped": True} if run_dir.is_done() else None
+
+
+def execute(prepared: PreparedRun, seed: int, quiet: bool = False, force: bool = False) -> dict[str, Any]:
+    """Train one seed (or return its finished result) under the run's lock; writes the run folder.
+
+    Returns final.json's content, or a failure record (also written as failed.json) if training raised.
+    A user error (BenchError) met while training is written as failed.json too, then raised.
+    RunHeldError when another live process trains the run (unless the request says to wait).
+    """
+    run_dir = prepared.run_dir(seed)
+    if not force and (done := finished_result(run_dir)) is not None:
+        return done
+
+    def say_waiting(holder: dict[str, Any]) -> None:
+        print(f"seed {seed}: waiting for {describe_holder(holder)}, which is training this run", file=sys.stderr)
+
+    with hold_run(run_dir, wait=prepared.request.wait, on_wait=say_waiting):
+        if not force and (done := finished_result(run_dir)) is not None:  # finished while we waited
+            return done
+        if force:
+            for name in (records.FINAL_FILE, records.FAILED_FILE, records.CHECKPOINT_FILE, records.METRICS_FILE,
+                         records.CONFIG_FILE):
+                (run_dir.path / name).unlink(missing_ok=True)
+        run_dir.failed.unlink(missing_ok=True)
+        records.remove_temporaries(run_dir.path)  # left by a writer that was killed; we hold the lock
+        try:
+            return _train_seed(prepared, seed, run_dir, quiet)
+        except BenchError as error:
+            try:
+                records.atomic_write_json(run_dir.failed, failure_record(error))
+            except BenchError:
+                pass  # the file system refuses writes; the error raised says why
+            raise
+
+
+def _train_seed(prepared: PreparedRun, seed: int, run_dir: RunDir, quiet: bool) -> dict[str, Any]:
+    request = prepared.request
     dataset = load_dataset(request.dataset, request.data_root, request.dataset_options)
     method_cls = get_method(request.method)
+    backbone = get_backbone(prepared.hparams["backbone"])
     info = dataset.info()
     structure = GroupStructure.from_info(info)
     uses_train_groups = method_cls.uses_train_group_labels(prepared.hparams)
     uses_masks = method_cls.uses_spurious_masks(prepared.hparams)
-    if run_dir.config.exists():  # a resumed run keeps the decision it started with
-        base_run = run_dir.read_config().get("base_run")
+    if run_dir.config.exists():  # a resumed run keeps the decision it started with, and its groups
+        try:
+            recorded = run_dir.read_config()
+        except DataError as error:
+            raise DataError(f"{error}; rerun with --force to restart the run") from None
+        check_resumed_groups(run_dir, recorded, info)
+        base_run = recorded.get("base_run")
     else:
         found = find_base_run(prepared, seed)
         base_run = str(found.path.relative_to(request.out)) if found is not None else None
@@ -249,7 +350,10 @@ def execute(prepared: PreparedRun, seed: int, quiet: bool = False, force: bool =
         "uses_train_group_labels": uses_train_groups,
         "uses_spurious_masks": uses_masks,
         "base_run": base_run,
+        "backbone_input": backbone.input.record(),
+        "backbone_weights": prepared.backbone_weights,
         "paper": method_cls.paper,
+        "method_caveat": method_cls.caveat,
         "device": str(prepared.device),
         # CPU results are bit-identical for a seed only at the same thread count (it sets the order of
         # float sums), so it is recorded with the versions.
@@ -273,9 +377,7 @@ def execute(prepared: PreparedRun, seed: int, quiet: bool = False, force: bool =
     hparams = prepared.hparams
 
     def make_model():  # type: ignore[no-untyped-def]
-        model = build_backbone(
-            hparams["backbone"], dataset.n_classes, dataset.image_shape[0], hparams["pretrained"], weights
-        )
+        model = backbone.build(dataset.n_classes, dataset.image_shape[0], hparams["pretrained"], weights)
         return model.to(memory_format=memory_format(prepared.device))
 
     precision = Precision(request.precision, prepared.device)
@@ -294,8 +396,8 @@ def execute(prepared: PreparedRun, seed: int, quiet: bool = False, force: bool =
     data = None
     try:
         method = method_cls(context)
-        data = DeviceData(dataset, prepared.device, uses_train_groups, request.workers, masks_allowed=uses_masks,
-                          precision=precision)
+        data = DeviceData(dataset, prepared.device, uses_train_groups, request.workers,
+                          normalisation=backbone.input.normalisation, masks_allowed=uses_masks, precision=precision)
         final = train(method, data, run_dir, seed, structure, progress)
     except (NonFiniteLossError, RuntimeError, ValueError, OSError) as error:
         failure = failure_record(error)

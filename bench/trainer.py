@@ -26,7 +26,7 @@ import torch
 
 from bench.core import records
 from bench.core.device_data import DeviceData
-from bench.core.errors import BenchError
+from bench.core.errors import BenchError, DataError
 from bench.core.metrics import GroupStructure, summarize
 from bench.core.records import RunDir
 from bench.core.selection import RULES, select
@@ -171,19 +171,24 @@ def train(
     """
     stages = method.stages()
     stage_index, epochs_done, n_records, elapsed = 0, 0, 0, 0.0
-    if run_dir.checkpoint.exists():
-        checkpoint = torch.load(run_dir.checkpoint, map_location=data.device, weights_only=False)
+    checkpoint = read_checkpoint(run_dir, data.device, len(stages)) if run_dir.checkpoint.exists() else None
+    metric_lines = _metric_lines(run_dir, checkpoint)
+    if checkpoint is not None:
         stage_index, epochs_done = checkpoint["stage_index"], checkpoint["epochs_done"]
         n_records, elapsed = checkpoint["n_records"], checkpoint["elapsed"]
         method.begin_stage(stages[stage_index], data, resuming=True)
-        method.load_state_dict(checkpoint["method"])
-        _set_rng_state(checkpoint["rng"])
+        try:
+            method.load_state_dict(checkpoint["method"])
+            _set_rng_state(checkpoint["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            raise _unreadable_checkpoint(run_dir, error) from None
         progress.message(f"resuming {run_dir.path} at stage {stages[stage_index].name}, epoch {epochs_done}")
         resumed_stage = stage_index
     else:
         resumed_stage = -1
     # Metric lines written after the checkpoint belong to an epoch that will be redone.
     records.truncate_jsonl(run_dir.metrics, n_records)
+    digest = records.LinesDigest(metric_lines[:n_records])
 
     batch_size = int(method.hp["batch_size"])
     step = 0
@@ -239,7 +244,7 @@ def train(
                 "method": {**method.epoch_log(), **fit_log},
                 "eval": evaluation,
             }
-            records.append_jsonl(run_dir.metrics, record)
+            digest.add(records.append_jsonl(run_dir.metrics, record))
             n_records += 1
             _print_epoch(progress, record, structure, method.primary)
             records.atomic_torch_save(
@@ -248,6 +253,7 @@ def train(
                     "stage_index": stage_index,
                     "epochs_done": epoch + 1,
                     "n_records": n_records,
+                    "metrics_digest": digest.hexdigest(),
                     "elapsed": elapsed,
                     "method": method.state_dict(),
                     "rng": _rng_state(),
@@ -268,6 +274,55 @@ def train(
         "selection": summarize_run(metric_records, structure),
     }
     return final
+
+
+CHECKPOINT_FIELDS = {"stage_index": int, "epochs_done": int, "n_records": int, "elapsed": float, "method": dict,
+                     "rng": dict}
+
+
+def _unreadable_checkpoint(run_dir: RunDir, error: BaseException) -> DataError:
+    reason = (str(error).strip().splitlines() or [""])[0][:200]
+    return DataError(f"{run_dir.checkpoint}: unreadable checkpoint ({type(error).__name__}: {reason}); "
+                     "rerun with --force to restart the run from its first epoch")
+
+
+def read_checkpoint(run_dir: RunDir, device: torch.device, n_stages: int) -> dict[str, Any]:
+    """The run's checkpoint, checked to be one this trainer wrote; DataError saying it is unreadable and
+    that ``--force`` restarts the run otherwise (an empty, truncated or foreign file)."""
+    try:
+        checkpoint = torch.load(run_dir.checkpoint, map_location=device, weights_only=False)
+    except Exception as error:  # torch.load raises anything from EOFError to UnpicklingError on a bad file
+        raise _unreadable_checkpoint(run_dir, error) from None
+    if not isinstance(checkpoint, dict):
+        raise _unreadable_checkpoint(run_dir, TypeError(f"holds a {type(checkpoint).__name__}, not a checkpoint"))
+    for name, kind in CHECKPOINT_FIELDS.items():
+        value = checkpoint.get(name)
+        if not isinstance(value, kind) and not (kind is float and isinstance(value, int)):
+            raise _unreadable_checkpoint(run_dir, KeyError(f"no {kind.__name__} {name!r}"))
+    if not 0 <= checkpoint["stage_index"] < n_stages or checkpoint["n_records"] < 0:
+        raise _unreadable_checkpoint(run_dir, ValueError(f"stage {checkpoint['stage_index']} of {n_stages}"))
+    return checkpoint
+
+
+def _metric_lines(run_dir: RunDir, checkpoint: dict[str, Any] | None) -> list[str]:
+    """The lines of metrics.jsonl, checked against the checkpoint: it must still hold every evaluation the
+    checkpoint follows, as written (else DataError: resuming would leave a gap model selection never sees)."""
+    try:
+        lines = records.read_jsonl_lines(run_dir.metrics)
+    except ValueError as error:
+        raise DataError(f"{error}; rerun with --force to restart the run") from None
+    if checkpoint is None:
+        return lines
+    expected = checkpoint["n_records"]
+    if len(lines) < expected:
+        raise DataError(f"{run_dir.metrics}: holds {len(lines)} evaluations but the checkpoint follows {expected} "
+                        "(the file was deleted or truncated after it); the run cannot resume without them: "
+                        "rerun with --force to restart it")
+    recorded = checkpoint.get("metrics_digest")  # absent in checkpoints of older versions
+    if recorded is not None and records.LinesDigest(lines[:expected]).hexdigest() != recorded:
+        raise DataError(f"{run_dir.metrics}: its first {expected} evaluations are not those the checkpoint follows "
+                        "(the file was edited or replaced); rerun with --force to restart the run")
+    return lines
 
 
 def _print_epoch(progress: Progress, record: dict[str, Any], structure: GroupStructure, primary: str) -> None:

@@ -24,7 +24,9 @@ SGD) on the same backbone, batch and precision, in the device's memory format (c
 Reported: images/s of the last epoch (the first warms up cuDNN's autotuner, the page cache and the
 workers). For the harness, the epoch's ``train_seconds`` from its metrics (evaluation excluded).
 Targets on a GPU: (b) at least 0.9x (a) in the same precision, bf16 at least 2x fp32 for ResNet-50.
-Until ``bench data export`` exists on this branch, the twin is written here (``write_twin``).
+The twin is written here (``write_twin``) rather than by ``bench data export``, whose images are the twins'
+smooth ones (cheap to decode) upscaled to its ``--image-size``. Every path normalises with the backbone's
+normalisation (``Backbone.input``), as the harness does.
 """
 
 from __future__ import annotations
@@ -47,8 +49,7 @@ import torch.nn.functional as F
 
 import datasets
 from bench.cli import main as bench
-from bench.core.backbones import INPUT_SIZE, build_backbone, memory_format
-from bench.core.dataset import IMAGENET_MEAN, IMAGENET_STD
+from bench.core.backbones import build_backbone, get_backbone, memory_format
 from bench.core.precision import Precision
 from datasets import get_dataset, load_dataset
 from datasets._files import CACHE_ENV, build_cache
@@ -119,8 +120,9 @@ def limit(folder: Path, args: argparse.Namespace, precision: str) -> float:
     dataset = get_dataset("waterbirds").load(folder, {"image_size": args.image_size})
     source = dataset.splits["train"].images
     pixels = source.load_batch(list(range(len(source))), train=False)  # from the cache: uint8
-    mean = torch.tensor(dataset.mean).view(1, 3, 1, 1)
-    std = torch.tensor(dataset.std).view(1, 3, 1, 1)
+    normalisation = get_backbone(args.backbone).input.normalisation
+    mean = torch.tensor(normalisation.mean).view(1, 3, 1, 1)
+    std = torch.tensor(normalisation.std).view(1, 3, 1, 1)
     images = ((pixels.float() / 255 - mean) / std).to(device).contiguous(memory_format=memory_format(device))
     labels = dataset.splits["train"].y.to(device)
     _, step = _model_and_step(args.backbone, device, Precision(precision, device))
@@ -143,8 +145,9 @@ def peers(folder: Path, args: argparse.Namespace, precision: str) -> float:
     device = torch.device(args.device)
     rows = [line.split(",") for line in (folder / "metadata.csv").read_text().splitlines()[1:]]
     files = [(folder / row[1], int(row[2])) for row in rows if row[3] == "0"]
+    normalisation = get_backbone(args.backbone).input.normalisation
     transform = T.Compose([T.RandomResizedCrop(args.image_size, scale=(0.7, 1.0), ratio=(3 / 4, 4 / 3)),
-                           T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+                           T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(normalisation.mean, normalisation.std)])
 
     class ImageFiles(torch.utils.data.Dataset):
         def __len__(self) -> int:
@@ -205,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.tiny:
         args.n, args.backbone, args.batch, args.workers = 32, "small-cnn", 16, 1
-    args.image_size = INPUT_SIZE[args.backbone]
+    args.image_size = get_backbone(args.backbone).input.size
     precisions = args.precisions.split(",")
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         work = Path(tmp)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bench.core.backbones import IMAGENET_NORMALISATION
 from bench.core.device_data import DeviceData
 from datasets import get_dataset
 from datasets._files import build_cache
@@ -57,7 +58,7 @@ def images_per_second(folder: Path, augment: bool, repeats: int) -> tuple[dict[s
     normalisation of every batch (done on the GPU in a GPU run)."""
     dataset = get_dataset("waterbirds").load(folder, {"image_size": 224, "augment": str(augment)})
     source = dataset.splits["train"].images
-    data = DeviceData(dataset, torch.device("cpu"), train_groups_allowed=False)
+    data = DeviceData(dataset, torch.device("cpu"), train_groups_allowed=False, normalisation=IMAGENET_NORMALISATION)
     n = data.n("train")
     best = {"read": 0.0, "trainer_cpu": 0.0}
     for repeat in range(repeats):

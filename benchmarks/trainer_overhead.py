@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.core.backbones import build_backbone
+from bench.core.backbones import SYMMETRIC_NORMALISATION, build_backbone
 from bench.core.device_data import EVAL_BATCH_SIZE, DeviceData
 from bench.core.metrics import GroupStructure
 from bench.core.records import RunDir
@@ -35,8 +35,8 @@ def bare_epoch(dataset, hparams: dict, seed: int) -> float:
     torch.manual_seed(seed)
     model = build_backbone("small-cnn", dataset.n_classes)
     optimizer = torch.optim.Adam(model.parameters(), lr=hparams["lr"], weight_decay=hparams["weight_decay"])
-    mean = torch.tensor(dataset.mean).view(1, -1, 1, 1)
-    std = torch.tensor(dataset.std).view(1, -1, 1, 1)
+    mean = torch.tensor(SYMMETRIC_NORMALISATION.mean).view(1, -1, 1, 1)  # small-cnn's (DeviceData's below)
+    std = torch.tensor(SYMMETRIC_NORMALISATION.std).view(1, -1, 1, 1)
     train_split = dataset.splits["train"]
     started = time.perf_counter()
     order = torch.randperm(len(train_split), generator=_epoch_generator(seed, 0, 0))
@@ -69,7 +69,7 @@ def trainer_epoch(dataset, dataset_name: str, hparams: dict, seed: int) -> float
     context = MethodContext(hparams={**hparams, "epochs": 1}, dataset_info=info, device=torch.device("cpu"),
                             make_model=lambda: build_backbone("small-cnn", dataset.n_classes), seed=seed)
     method = get_method("erm")(context)
-    data = DeviceData(dataset, torch.device("cpu"), train_groups_allowed=False)
+    data = DeviceData(dataset, torch.device("cpu"), train_groups_allowed=False, normalisation=SYMMETRIC_NORMALISATION)
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = RunDir(Path(tmp))
         started = time.perf_counter()

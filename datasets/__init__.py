@@ -12,7 +12,7 @@ import pkgutil
 from pathlib import Path
 from typing import Any, ClassVar
 
-from bench.core.dataset import SpuriousDataset
+from bench.core.dataset import SpuriousDataset, subsample
 from bench.core.errors import ConfigError, DataError
 
 _REGISTRY: dict[str, type[DatasetSource]] = {}
@@ -26,6 +26,9 @@ class DatasetSource:
     needs_data_root: ClassVar[bool] = False  # False for the synthetic twins
     # True when the images are resized on load to the backbone's input size (option "image_size").
     accepts_image_size: ClassVar[bool] = False
+    # The ``--data-option`` keys this dataset understands (besides image_size); anything else is a typo,
+    # refused rather than ignored (it would still change the run's identity).
+    option_names: ClassVar[tuple[str, ...]] = ()
     # Where a user obtains the files (shown when they are missing).
     obtain_hint: ClassVar[str] = ""
     # Training protocol defaults of this dataset (backbone, optimiser, lr, ...), with their origin.
@@ -38,8 +41,23 @@ class DatasetSource:
         return None
 
     @classmethod
+    def check_options(cls, options: dict[str, Any]) -> None:
+        """ConfigError naming an option this dataset does not understand."""
+        known = (*(("image_size",) if cls.accepts_image_size else ()), *cls.option_names)
+        for key in options:
+            if key not in known:
+                raise ConfigError(f"--data-option {key}: not an option of {cls.name}; "
+                                  + (f"known: {', '.join(known)}" if known else "it takes none"))
+
+    @classmethod
     def load(cls, data_root: Path | None, options: dict[str, Any]) -> SpuriousDataset:
         raise NotImplementedError
+
+    @classmethod
+    def export_marker(cls, data_root: Path | None) -> dict[str, Any] | None:
+        """The marker of a synthetic twin written in this dataset's layout (``bench data export``) found
+        under ``data_root``, or None (real files, or a dataset that is not read from files)."""
+        return None
 
     @classmethod
     def data_version(cls) -> str:
@@ -85,11 +103,32 @@ def resolve_data_root(data_root: str | Path | None) -> Path | None:
 
 _LOADED: dict[tuple, SpuriousDataset] = {}
 
+# A dataset option every dataset understands: keep this fraction of each group of each split.
+SUBSAMPLE_OPTION = "subsample"
+
+
+def subsample_fraction(options: dict[str, Any]) -> float | None:
+    """The ``subsample`` option as a fraction in (0, 1], None when absent; ConfigError otherwise."""
+    if SUBSAMPLE_OPTION not in options:
+        return None
+    value = options[SUBSAMPLE_OPTION]
+    try:
+        fraction = float(value)
+    except (TypeError, ValueError):
+        fraction = float("nan")
+    if not 0.0 < fraction <= 1.0:
+        raise ConfigError(f"--data-option {SUBSAMPLE_OPTION}={value!r}: expected a fraction in (0, 1], e.g. "
+                          f"{SUBSAMPLE_OPTION}=0.1 (keeps 10% of each group of each split)")
+    return fraction
+
 
 def load_dataset(
     name: str, data_root: str | Path | None = None, options: dict[str, Any] | None = None
 ) -> SpuriousDataset:
-    """Load (and memoise per process) a dataset by name; raises DataError when its files are missing."""
+    """Load (and memoise per process) a dataset by name; raises DataError when its files are missing.
+
+    The option ``subsample`` (see :func:`bench.core.dataset.subsample`) applies to every dataset.
+    """
     source = get_dataset(name)
     root = resolve_data_root(data_root)
     options = dict(options or {})
@@ -100,5 +139,8 @@ def load_dataset(
                 f"dataset {name!r} needs its files: pass --data-root DIR or set BENCH_DATA_ROOT"
                 + (f" ({source.obtain_hint})" if source.obtain_hint else "")
             )
-        _LOADED[key] = source.load(root, options)
+        fraction = subsample_fraction(options)
+        options.pop(SUBSAMPLE_OPTION, None)
+        dataset = source.load(root, options)
+        _LOADED[key] = subsample(dataset, fraction) if fraction is not None else dataset
     return _LOADED[key]

@@ -15,11 +15,23 @@
 
 The cache lives in ``$BENCH_IMAGE_CACHE_DIR`` if set, else in ``.bench-cache/`` inside the dataset
 folder (next to the data, where there is room for it: CelebA at 224 px takes about 37 GB).
+
+* Which files are read: :func:`stat_split_files` refuses an image path that is absolute, climbs out
+  of the dataset folder (``../``) or leads out of it through a symbolic link (``$BENCH_FOLLOW_SYMLINKS=1``
+  allows links, for a data folder assembled from links to other disks), and warns when one file is in
+  two splits (leakage). :func:`data_fingerprint` identifies what was read (index files' content, every
+  image file's path, size and modification time); it is part of a run's identity.
+
+A synthetic twin written in a real dataset's layout by ``bench data export`` carries a marker file,
+``bench-export.json``, at the root of its dataset folder (:func:`read_export_marker`): the loaders
+then record the twin's name as the dataset's ``synthetic`` origin, the runner trains at the export's
+image size unless told otherwise, and ``bench data check`` compares with the twin's own counts.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import stat
 import sys
@@ -32,16 +44,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.core.dataset import FileImages, FrameImages, FrameTransform
+from bench.core.dataset import FileImages, FrameImages, FrameTransform, rgb_image
 from bench.core.errors import ConfigError, DataError
 from bench.core.frame_batches import centre_offsets
 from datasets import DatasetSource
 
 CACHE_FORMAT_VERSION = 1  # bump when the cached frames of the same files would differ
 CACHE_ENV = "BENCH_IMAGE_CACHE_DIR"
+FOLLOW_SYMLINKS_ENV = "BENCH_FOLLOW_SYMLINKS"
+FINGERPRINT_VERSION = 1  # bump when data_fingerprint hashes other facts of the same files
 CACHE_FOLDER = ".bench-cache"
 DEFAULT_IMAGE_SIZE = 224  # the backbones' input size when the runner does not set one
 AUGMENTATIONS = ("none", "flip", "resized_crop_flip", "flip_colour")
+EXPORT_MARKER = "bench-export.json"
 TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
@@ -58,7 +73,6 @@ class FileDatasetSource(DatasetSource):
     folder_names: ClassVar[tuple[str, ...]] = ()
     # A file or folder inside the dataset folder, named in the "not found" error.
     marker: ClassVar[str] = ""
-    # Options this dataset understands (besides image_size); anything else is a typo.
     option_names: ClassVar[tuple[str, ...]] = ("augment",)
     augment_default: ClassVar[bool] = False
     # Where the published group counts come from (shown by `bench data check`).
@@ -95,22 +109,8 @@ class FileDatasetSource(DatasetSource):
         return folder
 
     @classmethod
-    def check_options(cls, options: dict[str, Any]) -> None:
-        known = ("image_size", *cls.option_names)
-        for key in options:
-            if key not in known:
-                raise ConfigError(f"--data-option {key}: not an option of {cls.name}; known: {', '.join(known)}")
-
-    @classmethod
     def image_size(cls, options: dict[str, Any]) -> int:
-        value = options.get("image_size", DEFAULT_IMAGE_SIZE)
-        try:
-            size = int(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"--data-option image_size={value!r}: expected an integer number of pixels") from None
-        if size < 8:
-            raise ConfigError(f"--data-option image_size={size}: must be at least 8 pixels")
-        return size
+        return image_size_option(options)
 
     @classmethod
     def augment(cls, options: dict[str, Any]) -> bool:
@@ -120,6 +120,57 @@ class FileDatasetSource(DatasetSource):
     def published_counts(cls, options: dict[str, Any]) -> dict[str, list[int]] | None:
         """Published group counts per split (a key may join splits, e.g. ``train+val``); None if unknown."""
         return None
+
+    @classmethod
+    def export_marker(cls, data_root: Path | None) -> dict[str, Any] | None:
+        folder = cls.locate(data_root)
+        return read_export_marker(folder, cls.name) if folder is not None else None
+
+    @classmethod
+    def synthetic_origin(cls, folder: Path) -> str | None:
+        """The twin a dataset folder was exported from (its marker's ``twin``), None for real data."""
+        marker = read_export_marker(folder, cls.name)
+        return marker["twin"] if marker else None
+
+
+def read_export_marker(folder: Path, dataset_name: str | None) -> dict[str, Any] | None:
+    """The ``bench-export.json`` of a dataset folder written by ``bench data export``, or None for real data.
+
+    Its keys: ``twin`` (the twin's name), ``dataset`` (the real dataset whose loader reads it),
+    ``data_version`` (the twin's), ``image_size`` (pixels) and more that the loaders do not read.
+    DataError when it is malformed or written for another dataset than ``dataset_name`` (e.g. another
+    Spawrious challenge; None: any).
+    """
+    path = folder / EXPORT_MARKER
+    if not path.is_file():
+        return None
+    try:
+        marker = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise DataError(f"{path}: not readable JSON ({error}); export the twin again (bench data export)") from None
+    expected = {"twin": str, "dataset": str, "data_version": str, "image_size": int}
+    if not isinstance(marker, dict) or any(not isinstance(marker.get(k), t) for k, t in expected.items()):
+        raise DataError(f"{path}: needs the keys {', '.join(expected)}; export the twin again (bench data export)")
+    if dataset_name is not None and marker["dataset"] != dataset_name:
+        raise DataError(f"{folder} holds the twin {marker['twin']} exported for {marker['dataset']}, which is the only "
+                        f"dataset that can read it, not {dataset_name}")
+    return marker
+
+
+def image_size_option(options: dict[str, Any]) -> int:
+    """The ``image_size`` option (default :data:`DEFAULT_IMAGE_SIZE`); ConfigError unless an integer >= 8."""
+    return int_option(options, "image_size", DEFAULT_IMAGE_SIZE, minimum=8)
+
+
+def int_option(options: dict[str, Any], name: str, default: int, minimum: int) -> int:
+    value = options.get(name, default)
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--data-option {name}={value!r}: expected an integer") from None
+    if number < minimum:
+        raise ConfigError(f"--data-option {name}={number}: must be at least {minimum}")
+    return number
 
 
 def parse_bool(name: str, value: Any) -> bool:
@@ -218,7 +269,7 @@ class ImagePipeline:
         """The cached form of a PIL image: the whole image resized to ``frame``, uint8 ``[3, H, W]``."""
         from torchvision import transforms as T
 
-        resized = T.Resize(self.frame)(image.convert("RGB"))
+        resized = T.Resize(self.frame)(rgb_image(image))
         return np.ascontiguousarray(np.asarray(resized, dtype=np.uint8).transpose(2, 0, 1))
 
     def from_frames(self, frames: np.ndarray, rows: np.ndarray, train: bool) -> torch.Tensor:
@@ -369,6 +420,12 @@ class CachedImages(FrameImages):
         state["_frames"] = None
         return state
 
+    def subset(self, rows: np.ndarray) -> CachedImages:
+        clone = super().subset(rows)
+        assert isinstance(clone, CachedImages)
+        clone.rows = self.rows[np.asarray(rows, dtype=np.int64)]
+        return clone
+
     def frames(self) -> np.ndarray:
         if self._frames is None or self._pid != os.getpid():
             frames = open_cache(self.cache_file, self.n_rows, self.pipeline.frame)
@@ -391,25 +448,96 @@ class CachedImages(FrameImages):
 def stat_split_files(
     root: Path, split_relpaths: dict[str, list[str]], where: Callable[[str, int], str] | None = None
 ) -> ImageFiles:
-    """Check that every listed image file exists (DataError naming the file and its row otherwise)
-    and collect the size and modification time of each, once per distinct file."""
-    seen: dict[str, tuple[int, int]] = {}
+    """Check every listed image file (DataError naming the file and its row otherwise): it exists, is a
+    regular file, and lies inside ``root`` (:class:`ConfinedFiles`). Collects the size and modification
+    time of each distinct file, and warns on stderr when one file is listed in more than one split
+    (train/test leakage)."""
+    confined = ConfinedFiles(root)
+    seen: dict[str, os.stat_result] = {}
+    first_split: dict[tuple[int, int], tuple[str, str]] = {}  # (device, inode) -> (split, relpath) first seen
+    leaks: dict[tuple[int, int], tuple[str, str, str]] = {}  # files in two splits: (relpath, split, other split)
     for split, relpaths in split_relpaths.items():
         for i, relpath in enumerate(relpaths):
-            if relpath in seen:
-                continue
-            path = root / relpath
+            if relpath not in seen:
+                prefix = f"{where(split, i)}: " if where else ""
+                info, outside = confined.stat(relpath)
+                if outside:
+                    raise DataError(f"{prefix}image file {relpath} {outside}; image paths must stay inside the "
+                                    f"dataset folder {root}")
+                if info is None or not stat.S_ISREG(info.st_mode):
+                    problem = "not found" if info is None else "is not a file"
+                    raise DataError(f"{prefix}image file {root / relpath} {problem}")
+                seen[relpath] = info
+            # The same file under two names (a link, a/../a) is the same file: compare by inode.
+            key = (seen[relpath].st_dev, seen[relpath].st_ino)
+            first = first_split.setdefault(key, (split, relpath))
+            if first[0] != split:
+                leaks.setdefault(key, (first[1], first[0], split))
+    if leaks:
+        relpath, split_a, split_b = next(iter(leaks.values()))
+        print(f"warning: {len(leaks)} image file(s) are in more than one split (e.g. {relpath} in {split_a} and "
+              f"{split_b}): a model is then evaluated on images it may have trained on (leakage)", file=sys.stderr)
+    relpaths = sorted(seen)
+    return ImageFiles(root, relpaths, [seen[r].st_size for r in relpaths], [seen[r].st_mtime_ns for r in relpaths])
+
+
+class ConfinedFiles:
+    """Stats files by their path relative to a dataset folder, refusing any that leads out of it: an
+    absolute path, ``..`` out of it, or a symbolic link (to the file, or through a folder) out of it unless
+    ``$BENCH_FOLLOW_SYMLINKS=1``. One ``lstat`` per file; each folder is resolved once."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = str(root)
+        self.real_prefix = os.path.realpath(root).rstrip(os.sep) + os.sep
+        self.follow_links = os.environ.get(FOLLOW_SYMLINKS_ENV, "").strip().lower() in TRUE_WORDS
+        self._folder_problems: dict[str, str | None] = {}
+
+    def stat(self, relpath: str) -> tuple[os.stat_result | None, str | None]:
+        """(the file's stat, or None when it does not exist; why it is outside the folder, or None)."""
+        if os.path.isabs(relpath):
+            return None, "is an absolute path"
+        normal = os.path.normpath(relpath)
+        if normal == os.pardir or normal.startswith(os.pardir + os.sep):
+            return None, "climbs out of the dataset folder (..)"
+        path = os.path.join(self.root, relpath)
+        try:
+            info: os.stat_result | None = os.lstat(path)
+        except OSError:
+            info = None
+        is_link = info is not None and stat.S_ISLNK(info.st_mode)
+        if not self.follow_links:
+            folder = os.path.dirname(normal)
+            if folder not in self._folder_problems:
+                self._folder_problems[folder] = self._problem(os.path.realpath(os.path.join(self.root, folder)))
+            problem = self._folder_problems[folder] or (self._problem(os.path.realpath(path)) if is_link else None)
+            if problem:
+                return None, problem
+        if is_link:
             try:
                 info = os.stat(path)
             except OSError:
-                info = None
-            if info is None or not stat.S_ISREG(info.st_mode):
-                prefix = f"{where(split, i)}: " if where else ""
-                problem = "not found" if info is None else "is not a file"
-                raise DataError(f"{prefix}image file {path} {problem}")
-            seen[relpath] = (info.st_size, info.st_mtime_ns)
-    relpaths = sorted(seen)
-    return ImageFiles(root, relpaths, [seen[r][0] for r in relpaths], [seen[r][1] for r in relpaths])
+                info = None  # a dangling link: not found
+        return info, None
+
+    def _problem(self, target: str) -> str | None:
+        if (target + os.sep).startswith(self.real_prefix):
+            return None
+        return (f"is reached through a symbolic link to {target}, outside the dataset folder (set "
+                f"{FOLLOW_SYMLINKS_ENV}=1 to follow links you trust)")
+
+
+def data_fingerprint(folder: Path, index_files: Sequence[Path], files: ImageFiles) -> str:
+    """Identity of a file dataset as read: the content of its index files (metadata.csv, CelebA's lists)
+    and every image file's path, size and modification time (the facts the image cache keys on; hashing
+    every image's bytes would cost minutes on CelebA). Copying the data without keeping modification
+    times (``cp -p``, ``rsync -a`` keep them) therefore gives new run identities."""
+    hasher = hashlib.sha256(f"data v{FINGERPRINT_VERSION}\n".encode())
+    for path in index_files:
+        content = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        hasher.update(f"{Path(path).relative_to(folder).as_posix()}\t{content}\n".encode())
+    for relpath, size, mtime in zip(files.relpaths, files.sizes, files.mtimes_ns):
+        hasher.update(f"{relpath}\t{size}\t{mtime}\n".encode())
+    return hasher.hexdigest()[:16]
 
 
 def split_images(
@@ -454,7 +582,7 @@ def decode_error(path: Path) -> str | None:
     try:
         with Image.open(path) as image:
             image.load()  # decodes every byte: a truncated file raises here
-            image.convert("RGB")
+            rgb_image(image)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         return f"{type(error).__name__}: {error}"
     return None

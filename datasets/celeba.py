@@ -42,10 +42,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from bench.core.dataset import IMAGENET_MEAN, IMAGENET_STD, SPLITS, SpuriousDataset, make_split
+from bench.core.dataset import SPLITS, SpuriousDataset, make_split
 from bench.core.errors import ConfigError, DataError
 from datasets import register_dataset
-from datasets._files import FileDatasetSource, ImagePipeline, split_images
+from datasets._files import FileDatasetSource, ImagePipeline, data_fingerprint, split_images
 
 DEFAULT_TARGET = "Blond_Hair"
 DEFAULT_ATTRS = ("Male",)
@@ -250,10 +250,10 @@ class CelebA(FileDatasetSource):
             attr_value_names=[[f"not {a}", a] for a in attrs],
             splits=splits,
             average_kind="plain",
-            mean=IMAGENET_MEAN,
-            std=IMAGENET_STD,
             description=f"CelebA from {folder}, target {target}, spurious {', '.join(attrs)}; {pipeline.describe()}",
+            data_fingerprint=data_fingerprint(folder, [attr_path, partition_path], extra["image_files"]),
             extra={**extra, "target": target},
+            synthetic=cls.synthetic_origin(folder),
         )
 
     @staticmethod

@@ -3,11 +3,18 @@
 Columns: ``filename`` (path relative to DIR), ``y`` (integer class 0..K-1), ``split``
 (``train``/``val``/``test``) and one or more spurious attribute columns: every other column by
 default, or those named by ``--attrs a,b``. Attribute values may be numbers or strings; each
-attribute's values are sorted to give value ids. Groups are (y, attributes) as everywhere.
+attribute's values are sorted to give value ids, in one total order that depends on nothing but the
+values (numbers first, by value, then by their text when equal, as ``1`` and ``01``; then any other
+text, ``nan`` included, in code-point order), so the group names are the same in every process.
+Groups are (y, attributes) as everywhere.
 
 Everything is validated on load, with a one-line error naming the file and row: a missing folder,
-file or column, a non-integer or negative label, a class with no training example, an unknown split
-value, a missing image file, and a group that has examples in some split but none in another.
+file or column, a file without rows, a non-integer or negative label, a class with no training
+example, an unknown split value, a missing image file or one outside DIR (an absolute path, ``../``,
+a symbolic link out of it: ``datasets/_files.py``), and a group that has examples in some split but
+none in another. An image file listed in two splits is warned about (leakage). The image files
+themselves are decoded when training reads them; one that cannot be read stops the run with a
+one-line error and marks it failed.
 
 Options (``--data-option key=value``): ``image_size`` (default: the backbone's input size, set by
 the runner), ``average`` (the reported average kind, default ``plain``), ``n_classes`` (declare K
@@ -16,6 +23,7 @@ so that a label >= K is reported as out of range).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -24,8 +32,6 @@ import torch
 
 from bench.core.dataset import (
     AVERAGE_KINDS,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     SPLITS,
     FileImages,
     SpuriousDataset,
@@ -33,6 +39,7 @@ from bench.core.dataset import (
 )
 from bench.core.errors import DataError
 from datasets import DatasetSource, register_dataset
+from datasets._files import data_fingerprint, image_size_option, int_option, stat_split_files
 
 REQUIRED_COLUMNS = ("filename", "y", "split")
 
@@ -51,6 +58,7 @@ class CustomDataset(DatasetSource):
     description = "your own images: DIR/metadata.csv with filename, y, split and attribute columns"
     needs_data_root = True
     accepts_image_size = True
+    option_names = ("attrs", "average", "n_classes")
     obtain_hint = "DIR/metadata.csv with columns filename, y, split and one or more attribute columns"
     training_defaults: ClassVar[dict[str, Any]] = {"backbone": "resnet50", "pretrained": True, "optimizer": "sgd",
                                                    "lr": 1e-3, "weight_decay": 1e-4, "batch_size": 64, "epochs": 20}
@@ -65,6 +73,7 @@ class CustomDataset(DatasetSource):
     @classmethod
     def load(cls, data_root: Path | None, options: dict[str, Any]) -> SpuriousDataset:
         assert data_root is not None
+        cls.check_options(options)
         if not data_root.is_dir():
             raise DataError(f"--data-root {data_root}: no such folder")
         csv_path = data_root / "metadata.csv"
@@ -77,6 +86,8 @@ class CustomDataset(DatasetSource):
         for column in REQUIRED_COLUMNS:
             if column not in table.columns:
                 raise DataError(f"{csv_path}: missing column {column!r} (columns: {', '.join(table.columns)})")
+        if table.empty:
+            raise DataError(f"{csv_path}: no rows below the header; add one row per image ({cls.obtain_hint})")
         attr_names = cls._attribute_columns(csv_path, table, options.get("attrs"))
         average = options.get("average", "plain")
         if average not in AVERAGE_KINDS:
@@ -94,8 +105,7 @@ class CustomDataset(DatasetSource):
             if label < 0:
                 raise DataError(f"{row(i)}: y={label} is out of range; labels must be 0..K-1")
             labels.append(label)
-        declared = options.get("n_classes")
-        n_classes = int(declared) if declared is not None else max(labels) + 1
+        n_classes = int_option(options, "n_classes", max(labels) + 1, minimum=1)
         for i, label in enumerate(labels):
             if label >= n_classes:
                 raise DataError(f"{row(i)}: y={label} is out of range for n_classes={n_classes}")
@@ -114,26 +124,25 @@ class CustomDataset(DatasetSource):
             if any(v == "" for v in values):
                 i = values.index("")
                 raise DataError(f"{row(i)}: attribute {attr!r} is empty")
-            names = sorted(set(values), key=_natural_key)
+            names = sorted(set(values), key=value_order)
             index = {name: k for k, name in enumerate(names)}
             value_names.append(names)
             value_ids.append([index[v] for v in values])
 
-        paths = []
-        for i, filename in enumerate(table["filename"]):
-            path = data_root / filename
-            if not path.is_file():
-                raise DataError(f"{row(i)}: image file {path} not found")
-            paths.append(path)
+        split_rows = {split: [i for i, s in enumerate(table["split"]) if s == split] for split in SPLITS}
+        filenames = table["filename"].tolist()
+        files = stat_split_files(data_root, {split: [filenames[i] for i in rows] for split, rows in split_rows.items()},
+                                 where=lambda split, k: row(split_rows[split][k]))
+        paths = [data_root / filename for filename in filenames]
 
-        size = int(options.get("image_size", 224))
+        size = image_size_option(options)
         train_transform, eval_transform = image_transforms(size)
         y_all = torch.tensor(labels)
         attrs_all = torch.tensor(value_ids).T.reshape(len(labels), len(attr_names))
         cardinalities = [len(v) for v in value_names]
         splits = {}
         for split in SPLITS:
-            rows = [i for i, s in enumerate(table["split"]) if s == split]
+            rows = split_rows[split]
             if not rows:
                 raise DataError(f"{csv_path}: no row has split={split!r}; every split needs examples")
             images = FileImages([paths[i] for i in rows], train_transform, eval_transform, (3, size, size))
@@ -145,9 +154,8 @@ class CustomDataset(DatasetSource):
             attr_value_names=value_names,
             splits=splits,
             average_kind=average,
-            mean=IMAGENET_MEAN,
-            std=IMAGENET_STD,
             description=f"custom dataset from {csv_path}",
+            data_fingerprint=data_fingerprint(data_root, [csv_path], files),
         )
         cls._check_groups(csv_path, dataset)
         return dataset
@@ -178,8 +186,14 @@ class CustomDataset(DatasetSource):
                 )
 
 
-def _natural_key(value: str) -> tuple[int, float | str]:
+def value_order(value: str) -> tuple[int, float, str]:
+    """Sort key of an attribute value: numbers by value, ties (``1``, ``01``, ``1.0``) by their text, then
+    everything else by its text. Total on distinct strings: ``nan`` (which compares unequal to itself)
+    and other non-numbers are text, so no order is left to the set's hash-seeded iteration."""
     try:
-        return (0, float(value))
+        number = float(value)
     except ValueError:
-        return (1, value)
+        return (1, 0.0, value)
+    if math.isnan(number):
+        return (1, 0.0, value)
+    return (0, number, value)

@@ -34,7 +34,7 @@ augmentation (the reference's random subset keeps the training transform).
 Transforms (aengusl/spawrious:spawrious/torch.py up to July 2023, before it switched to timm
 transforms of an unset model), image size S: eval Resize((S, S)); train Resize((S, S)) +
 RandomHorizontalFlip + ColorJitter(0.3, 0.3, 0.3, 0.3) + RandomGrayscale (on by default as in
-``get_spawrious_dataset``; ``--data-option augment=false`` turns it off). ImageNet normalisation by
+``get_spawrious_dataset``; ``--data-option augment=false`` turns it off). The backbone's normalisation by
 the trainer. Average accuracy: plain mean over test examples.
 """
 
@@ -47,10 +47,10 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from bench.core.dataset import IMAGENET_MEAN, IMAGENET_STD, SPLITS, SpuriousDataset, make_split
+from bench.core.dataset import SPLITS, SpuriousDataset, make_split
 from bench.core.errors import ConfigError, DataError
 from datasets import register_dataset
-from datasets._files import FileDatasetSource, ImagePipeline, split_images
+from datasets._files import FileDatasetSource, ImagePipeline, data_fingerprint, split_images
 
 CLASSES = ("bulldog", "corgi", "dachshund", "labrador")
 LOCATIONS = ("desert", "jungle", "dirt", "mountain", "snow", "beach")
@@ -196,12 +196,23 @@ class SpawriousChallenge(FileDatasetSource):
         cls.check_options(options)
         fraction, seed = cls.validation_split(options)
         folder = cls.require_folder(data_root)
-        return load_challenge(cls.name, cls.challenge, folder, cls.pipeline(options), fraction, seed)
+        synthetic = cls.synthetic_origin(folder)  # first: an export for another challenge lacks this one's folders
+        return load_challenge(cls.name, cls.challenge, folder, cls.pipeline(options), fraction, seed,
+                              synthetic=synthetic)
+
+
+def validation_split_positions(n_train: int, val_fraction: float, val_seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) positions in the listed training images: ``torch.utils.data.random_split``'s
+    semantics, one permutation of which the first ``n - int(n * val_fraction)`` positions train."""
+    n_val = int(n_train * val_fraction)
+    permutation = torch.randperm(n_train, generator=torch.Generator().manual_seed(val_seed)).numpy()
+    return permutation[: n_train - n_val], permutation[n_train - n_val :]
 
 
 def load_challenge(name: str, challenge: str, folder: Path, pipeline: ImagePipeline, val_fraction: float,
-                   val_seed: int, total: int = FOLDER_TOTAL) -> SpuriousDataset:
-    """Build a challenge from the folder tree (``total``: the folder size the construction assumes)."""
+                   val_seed: int, total: int = FOLDER_TOTAL, synthetic: str | None = None) -> SpuriousDataset:
+    """Build a challenge from the folder tree (``total``: the folder size the construction assumes;
+    ``synthetic``: the twin the folder was exported from, if it was)."""
     train_takes, test_takes = construction(challenge, total)
     listed: dict[str, tuple[list[str], list[int], list[int]]] = {}
     for key, takes in (("train", train_takes), ("test", test_takes)):
@@ -214,14 +225,12 @@ def load_challenge(name: str, challenge: str, folder: Path, pipeline: ImagePipel
         listed[key] = (relpaths, labels, locations)
 
     n_train = len(listed["train"][0])
-    n_val = int(n_train * val_fraction)
-    if n_val == 0 or n_val == n_train:
-        raise DataError(f"{folder}: {n_train} training images leave no {'validation' if n_val == 0 else 'training'} "
-                        f"example with val_fraction={val_fraction}")
-    # torch.utils.data.random_split: one permutation, the first n - n_val positions train, the rest val.
-    permutation = torch.randperm(n_train, generator=torch.Generator().manual_seed(val_seed)).numpy()
-    positions = {"train": permutation[: n_train - n_val], "val": permutation[n_train - n_val :],
-                 "test": np.arange(len(listed["test"][0]))}
+    train_positions, val_positions = validation_split_positions(n_train, val_fraction, val_seed)
+    if len(val_positions) == 0 or len(train_positions) == 0:
+        raise DataError(f"{folder}: {n_train} training images leave no "
+                        f"{'validation' if len(val_positions) == 0 else 'training'} example with "
+                        f"val_fraction={val_fraction}")
+    positions = {"train": train_positions, "val": val_positions, "test": np.arange(len(listed["test"][0]))}
     split_relpaths, labels, locations = {}, {}, {}
     for split in SPLITS:
         relpaths, y, location = listed["test" if split == "test" else "train"]
@@ -240,11 +249,11 @@ def load_challenge(name: str, challenge: str, folder: Path, pipeline: ImagePipel
         attr_value_names=[list(LOCATIONS)],
         splits=splits,
         average_kind="plain",
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
         description=f"Spawrious {challenge} from {folder}; val = {val_fraction} of train (seed {val_seed}); "
                     f"{pipeline.describe()}",
+        data_fingerprint=data_fingerprint(folder, [], extra["image_files"]),  # labels: the folder names
         extra=extra,
+        synthetic=synthetic,
     )
 
 

@@ -21,7 +21,7 @@ bench.core.metrics reported beside worst-group accuracy.
 
 Transforms (facebookresearch/Whac-A-Mole:model/classifiers.py ``get_transforms``): the 256x256
 images are used as they are (no resize, no crop); train: RandomHorizontalFlip (``--data-option
-augment=false`` turns it off); ImageNet normalisation by the trainer. The resolution follows the
+augment=false`` turns it off); the backbone's normalisation by the trainer. The resolution follows the
 backbone in the reference's proportion: int(S*256/224) pixels for a backbone of input size S, i.e.
 256 (the native size) for the ResNets.
 """
@@ -33,10 +33,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from bench.core.dataset import IMAGENET_MEAN, IMAGENET_STD, SPLITS, SpuriousDataset, make_split
+from bench.core.dataset import SPLITS, SpuriousDataset, make_split
 from bench.core.errors import DataError
 from datasets import register_dataset
-from datasets._files import FileDatasetSource, ImagePipeline, split_images
+from datasets._files import FileDatasetSource, ImagePipeline, data_fingerprint, split_images
 
 CATEGORIES = ("urban", "country")
 SPLIT_FOLDERS = {
@@ -125,8 +125,8 @@ class UrbanCars(FileDatasetSource):
             splits=splits,
             average_kind="urbancars_id",
             extra_metrics=("urbancars",),
-            mean=IMAGENET_MEAN,
-            std=IMAGENET_STD,
             description=f"UrbanCars from {folder}; {pipeline.describe()}",
+            data_fingerprint=data_fingerprint(folder, [], extra["image_files"]),  # labels: the folder names
             extra=extra,
+            synthetic=cls.synthetic_origin(folder),
         )

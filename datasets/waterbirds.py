@@ -24,7 +24,7 @@ Transforms (kohpangwei/group_DRO:data/cub_dataset.py ``get_transform_cub``), for
   + RandomHorizontalFlip. group_DRO's runs use no augmentation, so it is off by default (DFR's
   protocol turns it on for its base model: ``methods/dfr.py``, ``data_options_per_dataset``).
 
-ImageNet normalisation is applied by the trainer (mean/std fields). With an image cache (``bench
+The backbone's normalisation is applied by the trainer (ImageNet's for the ResNets). With an image cache (``bench
 data prepare waterbirds``), the cache holds the Resize((int(S*256/224),) * 2) frame: evaluation is
 bit-identical to the file transform; the random resized crop is taken from that frame instead of
 the full-resolution image.
@@ -39,10 +39,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from bench.core.dataset import IMAGENET_MEAN, IMAGENET_STD, SPLITS, SpuriousDataset, make_split
+from bench.core.dataset import SPLITS, SpuriousDataset, make_split
 from bench.core.errors import DataError
 from datasets import register_dataset
-from datasets._files import FileDatasetSource, ImagePipeline, split_images
+from datasets._files import FileDatasetSource, ImagePipeline, data_fingerprint, split_images
 
 METADATA = "metadata.csv"
 REQUIRED_COLUMNS = ("img_filename", "y", "split", "place")
@@ -146,8 +146,8 @@ class Waterbirds(FileDatasetSource):
             attr_value_names=[["land", "water"]],
             splits=splits,
             average_kind="train_weighted",
-            mean=IMAGENET_MEAN,
-            std=IMAGENET_STD,
             description=f"Waterbirds from {folder}; {pipeline.describe()}",
+            data_fingerprint=data_fingerprint(folder, [csv_path], extra["image_files"]),
             extra=extra,
+            synthetic=cls.synthetic_origin(folder),
         )

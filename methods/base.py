@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.core.artifacts import ArtifactStore
-from bench.core.backbones import Classifier, compile_model
+from bench.core.backbones import Classifier, backbone_problem, compile_model
 from bench.core.device_data import DeviceData
 from bench.core.errors import ConfigError
 from bench.core.precision import Precision
@@ -66,6 +66,8 @@ class Hparam:
     search: Callable[[np.random.Generator], Any] | None = None  # None: not tuned by sweeps
     # Values a user may plausibly try that belong elsewhere, each with the pointer shown in the error.
     refused: dict[Any, str] | None = None
+    # For values no fixed list can hold (any timm model): returns why a parsed value is invalid, or None.
+    check: Callable[[Any], str | None] | None = None
 
     def parse(self, name: str, value: Any) -> Any:
         """Convert a ``--hparams`` string (or a Python value) and check it; ConfigError if invalid."""
@@ -95,6 +97,8 @@ class Hparam:
             raise ConfigError(f"hparam {name}={parsed!r}: {self.refused[parsed]}")
         if self.choices is not None and parsed not in self.choices:
             raise ConfigError(f"hparam {name}={parsed!r}: choose one of {', '.join(map(str, self.choices))}")
+        if self.check is not None and (problem := self.check(parsed)):
+            raise ConfigError(f"hparam {name}={parsed!r}: {problem}")
         if self.low is not None and parsed < self.low:
             raise ConfigError(f"hparam {name}={parsed!r}: must be >= {self.low}")
         if self.high is not None and parsed > self.high:
@@ -117,14 +121,16 @@ def one_of(*values: Any) -> Callable[[np.random.Generator], Any]:
 
 # Shared by every method: the training protocol. Datasets set their own values (training_defaults).
 TRAINING_HPARAMS: dict[str, Hparam] = {
-    "backbone": Hparam("small-cnn", "network architecture", str, choices=("small-cnn", "resnet18", "resnet50")),
-    "pretrained": Hparam(False, "start from torchvision's ImageNet weights", bool),
+    "backbone": Hparam("small-cnn", "network architecture: a built-in backbone or timm/<model> (bench list)", str,
+                       check=backbone_problem),
+    "pretrained": Hparam(False, "start from the backbone's ImageNet weights (bench list says where they come from)",
+                         bool),
     "optimizer": Hparam("sgd", "optimiser of every model the method trains", str, choices=("sgd", "adam")),
     "lr": Hparam(1e-3, "learning rate", float, low=0.0, search=log_uniform(-4, -2)),
     "weight_decay": Hparam(1e-4, "L2 weight decay (torch convention)", float, low=0.0, search=log_uniform(-6, -2)),
     "momentum": Hparam(0.9, "SGD momentum (ignored by Adam)", float, low=0.0, high=1.0),
     "batch_size": Hparam(128, "training batch size", int, low=1, search=one_of(32, 64, 128)),
-    "epochs": Hparam(10, "training epochs (of the main stage)", int, low=0),
+    "epochs": Hparam(10, "training epochs (of the main stage)", int, low=1),
 }
 
 
@@ -224,6 +230,9 @@ class Method:
     # Per dataset name: dataset options (``--data-option``) the method's protocol sets; the user's win.
     data_options_per_dataset: ClassVar[dict[str, dict[str, Any]]] = {}
     primary: ClassVar[str] = "model"
+    # Shown wherever the method's results are printed (bench list, bench run's table, the report): what a
+    # reader must know before comparing its numbers (ULE: a reconstruction, and what it showed here).
+    caveat: ClassVar[str] = ""
     # A method whose first stage trains exactly what a finished run of this method trained (DFR:
     # "erm") gets that run as ``context.base_run`` when there is one.
     base_method: ClassVar[str | None] = None
@@ -366,7 +375,8 @@ def sample_hparams(
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, str]:
-    """``["lr=0.01", "epochs=3"]`` -> ``{"lr": "0.01", "epochs": "3"}``; ConfigError on a malformed item."""
+    """``["lr=0.01", "epochs=3"]`` -> ``{"lr": "0.01", "epochs": "3"}``; ConfigError on a malformed item
+    or a key given twice (which value wins would otherwise be a silent accident of order)."""
     overrides: dict[str, str] = {}
     for item in items or []:
         for part in item.split(","):
@@ -374,6 +384,8 @@ def parse_overrides(items: list[str] | None) -> dict[str, str]:
                 continue
             if "=" not in part:
                 raise ConfigError(f"--hparams {part!r}: expected key=value, e.g. --hparams lr=0.001")
-            key, value = part.split("=", 1)
-            overrides[key.strip()] = value.strip()
+            key, value = (text.strip() for text in part.split("=", 1))
+            if key in overrides:
+                raise ConfigError(f"--hparams {key} is given twice ({overrides[key]} and {value}); give it once")
+            overrides[key] = value
     return overrides

@@ -16,7 +16,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.core.dataset import SPLITS  # noqa: E402
 from bench.core.metrics import GroupStructure, predicts_one_class  # noqa: E402
 from bench.core.selection import DEFAULT_RULE, RULES  # noqa: E402
 from bench.runner import RunRequest, execute, prepare  # noqa: E402
@@ -110,19 +108,6 @@ def _mean_std(values: list[float]) -> str:
     return f"{array.mean():.1f} ± {std:.1f}"
 
 
-def data_version(dataset: str) -> str:
-    """Run folders are keyed by the config, not by the data: runs go under a folder named after a hash
-    of the dataset's labels, attributes and (in-memory) pixels, so a regenerated twin is never answered
-    from runs on its previous version, and an edit that leaves the data unchanged keeps them valid."""
-    loaded = load_dataset(dataset)
-    digest = hashlib.sha1()
-    for name in SPLITS:
-        split = loaded.splits[name]
-        for array in (split.y, split.attrs, getattr(split.images, "pixels", torch.zeros(0))):
-            digest.update(array.contiguous().numpy().tobytes())
-    return f"data-{digest.hexdigest()[:10]}"
-
-
 def run_variant(
     dataset: str, variant: str, seeds: list[int], epochs: int | None, out: str, rule: str,
     first_epochs: int | None = None, device: str = "cpu", train: bool = True,
@@ -131,7 +116,7 @@ def run_variant(
     evaluations only: without a schedule, they are exactly those of a run of E epochs. With
     ``train=False`` only the seeds already finished are reported."""
     method, overrides = VARIANTS[variant]
-    request = RunRequest(method=method, dataset=dataset, epochs=epochs, out=f"{out}/{data_version(dataset)}",
+    request = RunRequest(method=method, dataset=dataset, epochs=epochs, out=out,
                          device=device, hparam_overrides=[f"{k}={v}" for k, v in overrides.items()])
     prepared = prepare(request)
     primary = "teacher" if method == "ule" else "model"
@@ -178,17 +163,17 @@ def common_mode_report(run_dir: Path, n_examples: int = 512) -> str:
     import torch
     import torch.nn.functional as F
 
-    from bench.core.backbones import build_backbone
+    from bench.core.backbones import build_backbone, get_backbone
     from bench.core.device_data import DeviceData
     from bench.core.records import RunDir
-    from datasets import load_dataset
 
     run = RunDir(run_dir)
     config = run.read_config()
     checkpoint = torch.load(run.checkpoint, map_location="cpu", weights_only=False)
     dataset = load_dataset(config["dataset"], None, config["dataset_options"])
-    data = DeviceData(dataset, torch.device("cpu"), train_groups_allowed=False)
     hparams = config["hparams"]
+    data = DeviceData(dataset, torch.device("cpu"), train_groups_allowed=False,
+                      normalisation=get_backbone(hparams["backbone"]).input.normalisation)
     models = {}
     for name in ("student", "teacher"):
         model = build_backbone(hparams["backbone"], dataset.n_classes, dataset.image_shape[0])
@@ -251,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
               "| student test avg | s/run |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for dataset in args.datasets:
-        print(f"{dataset}: runs in {args.out}/{data_version(dataset)}", flush=True)
+        print(f"{dataset}: runs in {args.out} (a run's identity covers the twin's data)", flush=True)
         for variant in variants:
             result = run_variant(dataset, variant, seeds, args.epochs, args.out, args.select, args.first_epochs,
                                  args.device, train=not args.no_train)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench.core.backbones import Classifier, build_backbone
+from bench.core.backbones import SYMMETRIC_NORMALISATION, Classifier, build_backbone
 from bench.core.dataset import InMemoryImages, SpuriousDataset, make_split
 from bench.core.device_data import DeviceData
 from bench.core.metrics import GroupStructure
@@ -96,7 +96,8 @@ def build(cls: type[Method], dataset: SpuriousDataset, seed: int = 0, precision:
                             make_model=make_model, seed=seed, precision=arithmetic)
     method = cls(context)
     data = DeviceData(dataset, torch.device("cpu"), cls.uses_train_group_labels(hparams),
-                      masks_allowed=cls.uses_spurious_masks(hparams), precision=arithmetic)
+                      normalisation=SYMMETRIC_NORMALISATION, masks_allowed=cls.uses_spurious_masks(hparams),
+                      precision=arithmetic)
     return method, data
 
 

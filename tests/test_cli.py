@@ -59,7 +59,9 @@ def test_data_root_from_environment(capsys, tmp_path, monkeypatch, data):
 
 
 def test_offline_pretrained_weights_give_a_clear_error(capsys, tmp_path, data, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # empty cache; no network in tests
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # an empty cache
+    for proxy in ("https_proxy", "HTTPS_PROXY"):  # and no network: https through a closed local port
+        monkeypatch.setenv(proxy, "http://127.0.0.1:9")
     _user_error(capsys, ["run", "--method", "erm", "--dataset", "custom", "--data-root", str(data),
                          "--backbone", "resnet18", "--hparams", "pretrained=true"], tmp_path, "--weights PATH")
 
@@ -72,8 +74,9 @@ def test_missing_weights_file(capsys, tmp_path, data):
 def test_list_shows_methods_datasets_backbones(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    for name in ("erm", "custom", "small-cnn", "resnet50"):
+    for name in ("erm", "custom", "small-cnn", "resnet50", "efficientnet-lite0", "--backbone timm/<model>"):
         assert name in out
+    assert max(len(line) for line in out.splitlines()) <= 100
 
 
 def test_run_prints_table_with_named_average_and_records(capsys, tmp_path, data):

@@ -16,7 +16,7 @@ from scipy import stats
 from test_real_datasets import write_urbancars, write_waterbirds
 from torchvision.transforms import RandomResizedCrop
 
-from bench.core.backbones import build_backbone
+from bench.core.backbones import IMAGENET_NORMALISATION, SYMMETRIC_NORMALISATION, Normalisation, build_backbone
 from bench.core.dataset import FileImages, FrameTransform, SpuriousDataset, make_split
 from bench.core.device_data import DeviceData
 from bench.core.frame_batches import CropBoxes, draw_resized_crops, transform_frames
@@ -139,8 +139,9 @@ def test_device_crops_sample_the_drawn_boxes_and_flip_them() -> None:
 def test_device_evaluation_batches_equal_the_host_ones_and_training_batches_are_seeded(tmp_path) -> None:  # type: ignore[no-untyped-def]
     write_waterbirds(tmp_path, size=(40, 60))
     dataset = cached("waterbirds", tmp_path, augment="true")
-    device = DeviceData(dataset, torch.device("cpu"), False, frames_on_device=True)
-    host = DeviceData(dataset, torch.device("cpu"), False, frames_on_device=False)
+    device = DeviceData(dataset, torch.device("cpu"), False, normalisation=IMAGENET_NORMALISATION,
+                        frames_on_device=True)
+    host = DeviceData(dataset, torch.device("cpu"), False, normalisation=IMAGENET_NORMALISATION, frames_on_device=False)
     for split in ("train", "val"):
         assert torch.equal(passes(device, split, None, train=False), passes(host, split, None, train=False))
     state = torch.get_rng_state()
@@ -158,7 +159,8 @@ def test_device_flip_only_augmentation_mirrors_the_evaluation_crop(tmp_path) -> 
     write_urbancars(tmp_path)
     dataset = cached("urbancars", tmp_path)  # UrbanCars trains with a horizontal flip
     assert dataset.splits["train"].images.transform.augment == "flip"
-    data = DeviceData(dataset, torch.device("cpu"), False, frames_on_device=True)
+    data = DeviceData(dataset, torch.device("cpu"), False, normalisation=IMAGENET_NORMALISATION,
+                      frames_on_device=True)
     evaluation = passes(data, "train", None, train=False)
     mirrored = []
     for seed in range(4):
@@ -174,8 +176,9 @@ def test_a_host_only_augmentation_stays_on_the_host(tmp_path) -> None:  # type: 
     write_spawrious(tmp_path)
     dataset = cached("spawrious-o2o-easy", tmp_path)  # colour jitter: applied by the dataset's own code
     assert not dataset.splits["train"].images.transform.on_device
-    device = DeviceData(dataset, torch.device("cpu"), False, frames_on_device=True)
-    host = DeviceData(dataset, torch.device("cpu"), False, frames_on_device=False)
+    device = DeviceData(dataset, torch.device("cpu"), False, normalisation=IMAGENET_NORMALISATION,
+                        frames_on_device=True)
+    host = DeviceData(dataset, torch.device("cpu"), False, normalisation=IMAGENET_NORMALISATION, frames_on_device=False)
     assert torch.equal(passes(device, "train", seed=3), passes(host, "train", seed=3))
 
 
@@ -194,8 +197,9 @@ def test_file_workers_persist_across_passes_and_leave_the_global_generator_alone
     images = ProcessIds([Path(f"{i}.png") for i in range(8)], lambda i: i, lambda i: i, (3, 2, 2))
     split = make_split("train", torch.tensor([0, 1] * 4), torch.tensor([0, 0, 1, 1] * 2), images, [2])
     dataset = SpuriousDataset("pids", ["a", "b"], ["c"], [["0", "1"]], {"train": split, "val": split, "test": split},
-                              "group_mean", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
-    data = DeviceData(dataset, torch.device("cpu"), False, workers=2)
+                              "group_mean")
+    data = DeviceData(dataset, torch.device("cpu"), False, workers=2,
+                      normalisation=Normalisation((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)))
     state = torch.get_rng_state()
     try:
         pids = [set((passes(data, split, seed=1, batch=2) * 1e7).round().long().unique().tolist())
@@ -210,8 +214,8 @@ def test_file_batches_are_the_same_for_any_number_of_workers(tmp_path) -> None: 
     write_waterbirds(tmp_path, size=(40, 60))
     dataset = get_dataset("waterbirds").load(tmp_path, {"image_size": 32, "augment": "true"})
     assert type(dataset.splits["train"].images) is FileImages  # no cache: PIL and torchvision transforms
-    in_process = DeviceData(dataset, torch.device("cpu"), False)
-    pooled = DeviceData(dataset, torch.device("cpu"), False, workers=2)
+    in_process = DeviceData(dataset, torch.device("cpu"), False, normalisation=IMAGENET_NORMALISATION)
+    pooled = DeviceData(dataset, torch.device("cpu"), False, workers=2, normalisation=IMAGENET_NORMALISATION)
     try:
         expected = passes(in_process, "train", seed=5)
         assert torch.equal(passes(pooled, "train", seed=5), expected)
@@ -262,7 +266,8 @@ def erm_run(dataset: SpuriousDataset, folder: Path, stop_after: int | None, **da
         seed_everything(0)
         context = MethodContext(hparams, dataset.info(), torch.device("cpu"), lambda: build_backbone("small-cnn", 2),
                                 seed=0)
-        return ERM(context), DeviceData(dataset, torch.device("cpu"), False, **data_options)  # type: ignore[arg-type]
+        return ERM(context), DeviceData(dataset, torch.device("cpu"), False, normalisation=SYMMETRIC_NORMALISATION,
+                                          **data_options)  # type: ignore[arg-type]
 
     def on_epoch_end() -> None:
         if stop_after is not None:

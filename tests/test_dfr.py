@@ -12,7 +12,7 @@ import torch
 from helpers import write_custom_dataset
 from torch import nn
 
-from bench.core.backbones import Classifier
+from bench.core.backbones import SYMMETRIC_NORMALISATION, Classifier
 from bench.core.dataset import InMemoryImages, SpuriousDataset, make_split
 from bench.core.device_data import DeviceData
 from bench.core.errors import ConfigError
@@ -79,7 +79,8 @@ def make_method(cls, dataset: SpuriousDataset, overrides: dict | None = None, se
         seed=seed,
     )
     method = cls(context)
-    data = DeviceData(dataset, torch.device("cpu"), cls.uses_train_group_labels(hparams))
+    data = DeviceData(dataset, torch.device("cpu"), cls.uses_train_group_labels(hparams),
+                      normalisation=SYMMETRIC_NORMALISATION)
     return method, data
 
 
@@ -377,6 +378,7 @@ def test_stages_are_pure_and_take_the_base_run_from_the_context():
     source = Classifier(nn.Flatten(), 3, 2)
     reused = method_with(BaseRun("somewhere/erm/seed0", lambda: {"model": source.state_dict()}))
     assert [s.epochs for s in reused.stages()] == [0, 1]
-    reused.begin_stage(REFIT, DeviceData(dataset, torch.device("cpu"), False), resuming=False)
+    data = DeviceData(dataset, torch.device("cpu"), False, normalisation=SYMMETRIC_NORMALISATION)
+    reused.begin_stage(REFIT, data, resuming=False)
     for key, value in source.state_dict().items():
         assert torch.equal(reused.model.state_dict()[key], value)

@@ -14,6 +14,7 @@ from helpers import run_seed0, write_custom_dataset
 from torch import nn
 
 from bench import runner
+from bench.core.backbones import SYMMETRIC_NORMALISATION
 from bench.core.dataset import InMemoryImages, SpuriousDataset, make_split
 from bench.core.device_data import DeviceData
 from methods.base import Batch, MethodContext, Stage, resolve_hparams
@@ -156,7 +157,8 @@ def test_group_balanced_sampling_draws_every_group_equally_often() -> None:
     dataset = tiny_dataset(train_groups)
     method = make_method(dataset.group_counts("train"))
     stage = method.stages()[0]
-    method.begin_stage(stage, DeviceData(dataset, torch.device("cpu"), train_groups_allowed=True), resuming=False)
+    method.begin_stage(stage, DeviceData(dataset, torch.device("cpu"), train_groups_allowed=True,
+                                               normalisation=SYMMETRIC_NORMALISATION), resuming=False)
     generator = torch.Generator().manual_seed(0)
     drawn = torch.cat([method.epoch_indices(stage, epoch, len(train_groups), generator) for epoch in range(5)])
     assert len(drawn) == 5 * len(train_groups)  # N examples per epoch, as num_samples = N in the reference
@@ -165,7 +167,8 @@ def test_group_balanced_sampling_draws_every_group_equally_often() -> None:
     assert frequencies.tolist() == pytest.approx([1 / 3, 1 / 3, 0.0, 1 / 3], abs=0.015)
     # Uniform shuffling when switched off: a permutation of the training set.
     method = make_method(dataset.group_counts("train"), reweight_groups=False)
-    method.begin_stage(stage, DeviceData(dataset, torch.device("cpu"), train_groups_allowed=True), resuming=False)
+    method.begin_stage(stage, DeviceData(dataset, torch.device("cpu"), train_groups_allowed=True,
+                                               normalisation=SYMMETRIC_NORMALISATION), resuming=False)
     order = method.epoch_indices(Stage("train", 1), 0, len(train_groups), torch.Generator().manual_seed(0))
     assert sorted(order.tolist()) == list(range(len(train_groups)))
 

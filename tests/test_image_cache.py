@@ -12,6 +12,7 @@ import torch
 from test_real_datasets import save_image, write_celeba, write_spawrious, write_urbancars, write_waterbirds
 
 from bench.cli import main
+from bench.core.backbones import IMAGENET_NORMALISATION
 from bench.core.dataset import FileImages
 from bench.core.device_data import DeviceData
 from datasets import get_dataset
@@ -163,10 +164,11 @@ def test_trainer_batches_from_cache_and_workers(tmp_path, capsys):
     assert len(pickle.dumps(source)) < 20_000  # the memmap is not pickled
     assert torch.equal(copy.load_batch([1, 2], False), source.load_batch([1, 2], False))
     order = torch.arange(8)
-    expected = DeviceData(files, torch.device("cpu"), False).images("val", order, train=False)
-    in_process = DeviceData(cached, torch.device("cpu"), False).images("val", order, train=False)
+    cpu, imagenet = torch.device("cpu"), IMAGENET_NORMALISATION
+    expected = DeviceData(files, cpu, False, normalisation=imagenet).images("val", order, train=False)
+    in_process = DeviceData(cached, cpu, False, normalisation=imagenet).images("val", order, train=False)
     assert torch.allclose(in_process, expected, atol=1e-6)
-    with_worker = DeviceData(cached, torch.device("cpu"), False, workers=1)
+    with_worker = DeviceData(cached, torch.device("cpu"), False, workers=1, normalisation=IMAGENET_NORMALISATION)
     batches = [x for _, x in with_worker.iter_images("val", order, 4, train=False)]
     assert torch.allclose(torch.cat(batches), expected, atol=1e-6)
 

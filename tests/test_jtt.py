@@ -14,7 +14,7 @@ from helpers import run_seed0, write_custom_dataset
 from torch import nn
 
 from bench import runner, trainer
-from bench.core.backbones import build_backbone
+from bench.core.backbones import SYMMETRIC_NORMALISATION, build_backbone
 from bench.core.dataset import InMemoryImages, SpuriousDataset, make_split
 from bench.core.device_data import DeviceData
 from bench.core.metrics import GroupStructure
@@ -99,7 +99,7 @@ def test_error_set_and_upsampling_for_a_model_with_known_predictions(tmp_path: P
                       error_set_pass=error_set_pass)
     assert [(s.name, s.epochs, s.selectable) for s in method.stages()] == [
         ("identify", 2 if error_set_pass == "eval" else 3, False), ("final", 1, True)]
-    data = DeviceData(dataset, torch.device("cpu"), train_groups_allowed=False)
+    data = DeviceData(dataset, torch.device("cpu"), train_groups_allowed=False, normalisation=SYMMETRIC_NORMALISATION)
     trainer.train(method, data, RunDir(tmp_path / "run"), 0, GroupStructure.from_info(dataset.info()),
                   Progress(quiet=True))
 
@@ -128,7 +128,7 @@ def test_stage_two_starts_from_a_fresh_model_and_optimiser() -> None:
 
     method = make_jtt(make_model, dataset, lr=0.5, id_epochs=1, epochs=1)
     identify, final = method.stages()
-    data = DeviceData(dataset, torch.device("cpu"), train_groups_allowed=False)
+    data = DeviceData(dataset, torch.device("cpu"), train_groups_allowed=False, normalisation=SYMMETRIC_NORMALISATION)
     method.begin_stage(identify, data, resuming=False)
     x = data.images("train", torch.arange(N_TRAIN), train=True)
     for _ in range(3):

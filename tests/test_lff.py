@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.core.backbones import build_backbone
+from bench.core.backbones import SYMMETRIC_NORMALISATION, build_backbone
 from bench.core.dataset import InMemoryImages, SpuriousDataset, make_split
 from bench.core.device_data import DeviceData
 from bench.core.metrics import GroupStructure
@@ -120,7 +120,8 @@ def make_lff(dataset: SpuriousDataset, overrides: dict | None = None, seed: int 
         hparams=hparams, dataset_info=dataset.info(), device=torch.device("cpu"),
         make_model=lambda: build_backbone("small-cnn", dataset.n_classes), seed=seed,
     )
-    return LfF(context), DeviceData(dataset, torch.device("cpu"), LfF.uses_train_group_labels(hparams))
+    return LfF(context), DeviceData(dataset, torch.device("cpu"), LfF.uses_train_group_labels(hparams),
+                                    normalisation=SYMMETRIC_NORMALISATION)
 
 
 def batch_of(data: DeviceData, index: list[int]) -> Batch:

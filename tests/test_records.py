@@ -72,7 +72,7 @@ def test_run_dir_states(tmp_path):
     assert run.state() == "incomplete"
     records.atomic_write_json(run.failed, {"reason": "x"})
     assert run.state() == "failed" and not run.is_done()
-    records.atomic_write_json(run.final, {})
+    records.atomic_write_json(run.final, {"status": "done"})
     assert run.state() == "done"
 
 
@@ -162,17 +162,35 @@ def test_checkpoint_holds_everything_to_resume(tiny_data, tmp_path):
     assert {"python", "numpy", "torch"} <= set(checkpoint["rng"])
 
 
-def test_twin_run_identity_follows_the_generating_code(monkeypatch):
-    """A finished run on a twin must not be reused once the twin's generator changed."""
+def test_twin_run_identity_follows_the_generated_data(monkeypatch, tiny_data):
+    """A finished run on a twin must not be reused once the twin's data changed, and must stay valid when
+    an edit of the twin's code changed nothing of the data."""
     from bench import runner
     from datasets import _synth
 
     request = runner.RunRequest(method="erm", dataset="waterbirds-synth")
     before = runner.run_identity(request)
     assert before["data_version"].startswith(f"v{_synth.GENERATOR_VERSION}-")
+    # Another code fingerprint (an edit of a comment): the data is regenerated, the same, the same identity.
     monkeypatch.setattr(_synth, "generator_fingerprint", lambda twin_name: "0123456789")
+    _synth.content_digest.cache_clear()
+    assert runner.run_identity(runner.RunRequest(method="erm", dataset="waterbirds-synth")) == before
+    # Other data: another identity.
+    module = __import__("datasets.waterbirds_synth", fromlist=["generate_split"])
+    original = module.generate_split
+
+    def brighter(split: str, seed: int):  # type: ignore[no-untyped-def]
+        arrays = original(split, seed)
+        arrays["pixels"] = arrays["pixels"] // 2
+        return arrays
+
+    monkeypatch.setattr(_synth, "generator_fingerprint", lambda twin_name: "9876543210")
+    monkeypatch.setattr(module.WaterbirdsSynth, "generate_split", staticmethod(brighter))
+    _synth.content_digest.cache_clear()
     after = runner.run_identity(runner.RunRequest(method="erm", dataset="waterbirds-synth"))
+    _synth.content_digest.cache_clear()
     assert after["data_version"] != before["data_version"]
     assert records.config_hash(after) != records.config_hash(before)
-    # Datasets read from files carry no data version: their identities are unchanged by this.
-    assert "data_version" not in runner.run_identity(runner.RunRequest(method="erm", dataset="waterbirds"))
+    # Datasets read from files carry no data version but a fingerprint of their files (test_data_identity.py).
+    identity = runner.run_identity(runner.RunRequest(method="erm", dataset="custom", data_root=str(tiny_data)))
+    assert "data_version" not in identity and len(identity["data_fingerprint"]) == 16

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.core.backbones import Classifier
+from bench.core.backbones import SYMMETRIC_NORMALISATION, Classifier
 from bench.core.dataset import InMemoryImages, SpuriousDataset, make_split
 from bench.core.device_data import DeviceData
 from bench.core.errors import ConfigError
@@ -115,7 +115,8 @@ def test_the_oracle_ignores_a_masked_shortcut_that_erm_follows() -> None:
         torch.manual_seed(0)
         method = cls(MethodContext(hparams, dataset.info(), torch.device("cpu"),
                                    lambda: Classifier(nn.Flatten(), 6, 2), seed=0))
-        data = DeviceData(dataset, torch.device("cpu"), False, masks_allowed=cls.uses_spurious_masks(hparams))
+        data = DeviceData(dataset, torch.device("cpu"), False, normalisation=SYMMETRIC_NORMALISATION,
+                          masks_allowed=cls.uses_spurious_masks(hparams))
         for _ in range(300):
             index = torch.randint(0, 2000, (64,))
             method.update(Batch(x=data.images("train", index, train=True), y=data.labels("train")[index],
@@ -134,6 +135,6 @@ def test_rrr_needs_a_dataset_with_masks_and_erm_never_sees_them() -> None:
     rng = np.random.default_rng(0)
     splits = {name: _shortcut_split(name, 8, 0.5, rng) for name in ("train", "val", "test")}
     data = DeviceData(SpuriousDataset("t", ["c0", "c1"], ["a"], [["a0", "a1"]], splits, "group_mean"),
-                      torch.device("cpu"), False)
+                      torch.device("cpu"), False, normalisation=SYMMETRIC_NORMALISATION)
     with pytest.raises(RuntimeError, match="does not use spurious-region masks"):
         data.spurious_masks("train", torch.arange(2))

@@ -168,8 +168,23 @@ def test_dry_run_lists_the_plan_and_writes_nothing(data, tmp_path, capsys):
     assert status == 0
     assert "12 runs" in printed and "12 not launched" in printed
     assert "would launch 12 runs with --launcher slurm" in printed
-    assert "erm custom draw 0 seed 0 (defaults) ->" in printed and "... and 10 more" in printed
+    # One row per (dataset, method, draw): the first two of the four draws, seeds 0-2 each.
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in printed.splitlines()
+            if line.startswith("| custom")]
+    assert [(row[1], row[2], row[4]) for row in rows] == [("erm", "0", "0-2"), ("erm", "1", "0-2")]
+    assert "... and 2 more (dataset, method, draw) rows" in printed
+    assert "drawn hyperparameters:" in printed and f"erm on custom, draw 1 ({rows[1][3]}): lr=" in printed
+    assert max(len(line) for line in printed.splitlines() if str(out.name) not in line) <= 100
     assert not out.exists()
+
+
+def test_dry_run_table_fits_a_terminal_with_long_names(data, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["sweep", "--methods", "ule,dfr-train", "--datasets", "custom", "--data-root", str(data), "--out",
+                 "out", "--seeds", "40", "--n-hparams", "3", "--dry-run", *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert max(len(line) for line in printed.splitlines()) <= 100, max(printed.splitlines(), key=len)
+    assert "ule on custom, draw 2" in printed  # ULE's many tuned hparams, wrapped
 
 
 # -- run states and the lock ---------------------------------------------------------------------
@@ -264,7 +279,9 @@ def test_a_running_run_is_not_launched_twice(data, tmp_path, capsys):
         main(["sweep", "--methods", "erm", "--datasets", "custom", "--data-root", str(data),
               "--out", str(tmp_path / "out"), "--seeds", "2", "--dry-run", *TINY])
         printed = capsys.readouterr().out
-        assert "1 running" in printed and "would launch 1 runs" in printed and "seed 1" in printed
+        assert "1 running" in printed and "would launch 1 runs" in printed
+        row = next(line for line in printed.splitlines() if line.startswith("| custom"))
+        assert row.split("|")[5].strip() == "1"  # seed 0 runs; seed 1 is launched
         # a job started anyway (e.g. by a concurrent sweep) sees the lock and does not train
         result = run_task(task_for(runs[0], None))
         assert result["status"] == "skipped" and "already running" in result["reason"]

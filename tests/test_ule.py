@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.core.backbones import Classifier, build_backbone
+from bench.core.backbones import SYMMETRIC_NORMALISATION, Classifier, build_backbone
 from bench.core.dataset import InMemoryImages, SpuriousDataset, make_split
 from bench.core.device_data import DeviceData
 from bench.core.errors import ConfigError
@@ -456,7 +456,8 @@ def test_trainer_records_teacher_and_student_and_resumes_the_warmup(tmp_path) ->
 
     def run(path, interrupt_after: int | None = None) -> ULE:
         method = fresh()
-        data = DeviceData(dataset, torch.device("cpu"), train_groups_allowed=False)
+        data = DeviceData(dataset, torch.device("cpu"), train_groups_allowed=False,
+                          normalisation=SYMMETRIC_NORMALISATION)
         epochs = {"n": 0}
 
         def on_epoch_end() -> None:
@@ -518,6 +519,9 @@ ULE_VARIANTS = [
     ({"grad_norm": "student_maxabs", "freeze_student_after": 1}, 1, None),  # epoch 1: the student is frozen
     ({"reading": "finite_step", "freeze_student_after": 1}, 1, None),
     ({"warmup_epochs": 1}, 0, None),  # the penalty is off: no input gradient at all
+    ({"penalty_epochs": 2}, 1, None),  # epoch 1: still on
+    ({"penalty_epochs": 1}, 1, None),  # epoch 1: off again, as in the warm-up
+    ({"reading": "finite_step", "penalty_epochs": 1}, 1, None),
 ]
 
 
@@ -529,3 +533,35 @@ def test_every_reading_agrees_with_fp32_in_mixed_precision(overrides: dict[str, 
     from method_contract import check_precision_agrees_with_fp32
 
     check_precision_agrees_with_fp32(ULE, precision, overrides, epoch, step_tolerance)
+
+
+def test_the_finite_step_reading_takes_no_double_backward_and_trains_compiled(monkeypatch) -> None:
+    """What ``ULE.double_backward`` says of it: the student's input gradient is a first-order one (detached),
+    and the teacher takes one plain backward of its cross-entropy on the clean and moved inputs. So
+    torch.compile (graph capture and compiled autograd; the aot_eager backend, no kernel generation) trains
+    it, as the eager step does."""
+    from method_contract import hparams_for, toy_dataset
+
+    from bench.core import backbones
+
+    monkeypatch.setattr(backbones, "COMPILE_BACKEND", "aot_eager")
+    hparams = hparams_for(ULE, {"reading": "finite_step"})
+    assert ULE.double_backward(hparams) is None and ULE.double_backward(hparams_for(ULE)) is not None
+    dataset = toy_dataset()
+    data = DeviceData(dataset, torch.device("cpu"), False, normalisation=SYMMETRIC_NORMALISATION)
+    index = torch.arange(16)
+    batch = Batch(x=data.images("train", index, train=True), y=data.labels("train")[index], index=index)
+    trained = []
+    try:
+        for compiled in (False, True):
+            torch.manual_seed(0)
+            method = ULE(MethodContext(hparams, dataset.info(), torch.device("cpu"),
+                                       lambda: build_backbone("small-cnn", 2), seed=0, compile=compiled))
+            logs = [method.update(batch) for _ in range(2)]
+            trained.append((logs, [p.detach().clone() for p in method.teacher.parameters()]))
+    finally:
+        torch._dynamo.reset()
+    (eager_logs, eager), (compiled_logs, compiled_teacher) = trained
+    assert compiled_logs[-1] == pytest.approx(eager_logs[-1], rel=1e-5)
+    for a, b in zip(compiled_teacher, eager, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -8,11 +8,14 @@ UrbanCars ``g = 4*obj + 2*bg + co_obj``.
 
 Images come from one of two sources: :class:`InMemoryImages` (a uint8 tensor, used by the synthetic
 twins; batches are gathered by indexing, no per-item Python) or :class:`FileImages` (paths read with
-PIL and a torchvision transform, used by real datasets and ``custom``).
+PIL and a torchvision transform, used by real datasets and ``custom``). Every image file becomes 8-bit
+RGB through :func:`rgb_image` (16-bit greyscale is scaled, not clipped).
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,9 +33,6 @@ SPLITS = ("train", "val", "test")
 # The average a dataset reports as "its" average accuracy, named by kind (see bench.core.metrics).
 AVERAGE_KINDS = tuple(AVERAGES)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 class InMemoryImages:
     """Images held as one uint8 tensor ``[N, C, H, W]``; the trainer gathers batches by indexing."""
@@ -48,6 +48,30 @@ class InMemoryImages:
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.pixels.shape[1:])  # type: ignore[return-value]
+
+    def subset(self, rows: np.ndarray) -> InMemoryImages:
+        return InMemoryImages(self.pixels[torch.from_numpy(rows)])
+
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def rgb_image(image: Any) -> Any:
+    """A PIL image as 8-bit RGB. Pillow's own ``convert("RGB")`` clips 16-bit greyscale (300, 30000 and
+    65535 all become 255); here such an image keeps its high byte (65535 -> 255, 30000 -> 117), as Pillow
+    does itself for 16-bit colour PNGs. Mode ``I`` (32-bit integers, how some readers hold 16-bit
+    greyscale) is taken as 16-bit when its values fit; other 32-bit and floating-point images are refused
+    (ValueError), since no scale can be assumed for them."""
+    from PIL import Image
+
+    if image.mode in _SIXTEEN_BIT_MODES or image.mode == "I":
+        values = np.asarray(image)
+        if image.mode == "I" and values.size and (values.min() < 0 or values.max() > 65535):
+            raise ValueError("a 32-bit integer image; convert it to 8 or 16 bits per channel")
+        return Image.fromarray((values.astype(np.uint32) >> 8).astype(np.uint8)).convert("RGB")
+    if image.mode == "F":
+        raise ValueError("a floating-point image; convert it to 8 or 16 bits per channel")
+    return image.convert("RGB")
 
 
 class FileImages:
@@ -72,15 +96,22 @@ class FileImages:
     def shape(self) -> tuple[int, int, int]:
         return self._shape
 
+    def subset(self, rows: np.ndarray) -> FileImages:
+        """The images at positions ``rows`` (a subclass keeps its own state: a copy with fewer paths)."""
+        clone = copy.copy(self)
+        clone.paths = [self.paths[int(i)] for i in rows]
+        return clone
+
     def load(self, index: int, train: bool) -> torch.Tensor:
         from PIL import Image
 
         path = self.paths[index]
         try:
             with Image.open(path) as image:
-                image = image.convert("RGB")
-        except (OSError, ValueError) as error:
-            raise DataError(f"{path}: cannot read image ({error}); re-copy or remove that file") from error
+                image = rgb_image(image)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise DataError(f"{path}: cannot read image ({reason}); re-copy or remove that file") from None
         transform = self.train_transform if train else self.eval_transform
         return transform(image)
 
@@ -148,6 +179,11 @@ class Split:
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
+    def subset(self, rows: np.ndarray) -> Split:
+        index = torch.from_numpy(rows)
+        mask = self.spurious_mask[index] if self.spurious_mask is not None else None
+        return Split(self.name, self.y[index], self.attrs[index], self.group[index], self.images.subset(rows), mask)
+
 
 @dataclass
 class SpuriousDataset:
@@ -159,12 +195,17 @@ class SpuriousDataset:
     attr_value_names: list[list[str]]  # attr_value_names[k][v]: name of value v of attribute k
     splits: dict[str, Split]
     average_kind: str  # which average is this dataset's headline "average accuracy"
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # input normalisation
-    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     description: str = ""
     # Metric sets (bench.core.metrics.METRIC_SETS) reported beside worst-group accuracy and the average.
     extra_metrics: tuple[str, ...] = ()
+    # Identity of the files a dataset was read from (its index files' content, every image file's path,
+    # size and modification time): part of a run's identity. Empty for generated data, whose source's
+    # ``data_version`` identifies it instead.
+    data_fingerprint: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # None for real data; the name of the synthetic twin the images come from otherwise: a twin itself,
+    # or a twin written in a real dataset's layout by `bench data export` (read by the real loader).
+    synthetic: str | None = None
 
     def __post_init__(self) -> None:
         if self.average_kind not in AVERAGE_KINDS:
@@ -220,6 +261,7 @@ class SpuriousDataset:
             "extra_metrics": list(self.extra_metrics),
             "group_counts": {split: self.group_counts(split) for split in self.splits},
             "image_shape": list(self.image_shape),
+            "synthetic": self.synthetic,
         }
 
 
@@ -254,3 +296,21 @@ def make_split(
             raise ValueError(f"split {name}: spurious mask of shape {tuple(spurious_mask.shape)}, expected {expected}")
     return Split(name=name, y=y, attrs=attrs, group=group_ids(y, attrs, attr_cardinalities), images=images,
                  spurious_mask=spurious_mask)
+
+
+def subsample(dataset: SpuriousDataset, fraction: float, seed: int = 0) -> SpuriousDataset:
+    """``dataset`` with ``fraction`` of each group of each split (rounded, at least one example of every
+    non-empty group), drawn without replacement by a generator seeded with ``seed`` and the split; the
+    kept examples stay in their order. ``extra`` is kept as loaded (it describes the whole dataset)."""
+    splits = {}
+    for name, split in dataset.splits.items():
+        rng = np.random.default_rng([seed, SPLITS.index(name)])
+        groups = split.group.numpy()
+        kept = []
+        for group in range(dataset.n_groups):
+            members = np.flatnonzero(groups == group)
+            if len(members):
+                kept.append(rng.choice(members, size=max(1, int(round(fraction * len(members)))), replace=False))
+        rows = np.sort(np.concatenate(kept)) if kept else np.zeros(0, dtype=np.int64)
+        splits[name] = split.subset(rows.astype(np.int64))
+    return dataclasses.replace(dataset, splits=splits)

@@ -15,8 +15,9 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from bench.core.backbones import memory_format
+from bench.core.backbones import Normalisation, memory_format
 from bench.core.dataset import FileImages, FrameImages, InMemoryImages, SpuriousDataset
+from bench.core.errors import DataError
 from bench.core.frame_batches import batch_seeds, draw_boxes, seeded_global_rng, transform_frames
 from bench.core.precision import Precision
 from bench.core.prefetch import InFlight, copier, pinned_empty, prefetch
@@ -35,10 +36,11 @@ class SpuriousMasksHidden(RuntimeError):
 class DeviceData:
     """The splits of a dataset on a device: batches, labels, predictions, features, group counts.
 
-    Images are normalised here (``(pixels/255 - mean) / std``, the dataset's own normalisation) and
-    handed out in ``memory_format`` (channels-last for the convolutional backbones on CUDA). Training
-    group labels are only handed out when ``train_groups_allowed``, the spurious-region masks of the
-    synthetic twins only when ``masks_allowed``. ``precision``: the autocast of :meth:`predict`.
+    Images are normalised here, ``(pixels/255 - mean) / std``, with the normalisation of the backbone
+    that reads them (its :class:`bench.core.backbones.InputSpec`; the runner passes it), and handed out
+    in ``memory_format`` (channels-last on CUDA). Training group labels are only handed out when
+    ``train_groups_allowed``, the spurious-region masks of the synthetic twins only when
+    ``masks_allowed``. ``precision``: the autocast of :meth:`predict`.
 
     How batches of a split are read (:meth:`iter_images`):
 
@@ -56,7 +58,7 @@ class DeviceData:
     """
 
     def __init__(self, dataset: SpuriousDataset, device: torch.device, train_groups_allowed: bool, workers: int = 0,
-                 masks_allowed: bool = False, precision: Precision | None = None,
+                 *, normalisation: Normalisation, masks_allowed: bool = False, precision: Precision | None = None,
                  frames_on_device: bool | None = None):
         self._dataset = dataset
         self.device = device
@@ -67,8 +69,9 @@ class DeviceData:
         self.frames_on_device = device.type == "cuda" if frames_on_device is None else frames_on_device
         self.memory_format = memory_format(device)
         self.n_groups = dataset.n_groups
-        self._mean = torch.tensor(dataset.mean, device=device).view(1, -1, 1, 1)
-        self._std = torch.tensor(dataset.std, device=device).view(1, -1, 1, 1)
+        self.normalisation = normalisation
+        self._mean = torch.tensor(normalisation.mean, device=device).view(1, -1, 1, 1)
+        self._std = torch.tensor(normalisation.std, device=device).view(1, -1, 1, 1)
         self._pixels: dict[str, torch.Tensor] = {}
         for name, split in dataset.splits.items():
             if isinstance(split.images, InMemoryImages):
@@ -160,8 +163,15 @@ class DeviceData:
                 self._file_loader = FileBatchLoader(self._dataset, self.workers, self.device)
             copy = copier(self.device)
             requests = [(split, chunk.tolist(), train, batch_seed) for chunk, batch_seed in zip(chunks, seeds)]
-            batches = (copy((raw,), None) for raw in self._file_loader.load(requests))
-            for chunk, batch in zip(chunks, prefetch(batches)):
+            loaded = self._file_loader.load(requests)  # started here, in the main thread
+
+            def copied() -> Iterator[InFlight]:  # runs in the prefetch thread, which hands errors to this one
+                for raw in loaded:
+                    if isinstance(raw, DataError):  # raised in a worker: passed back whole, as its one line
+                        raise raw
+                    yield copy((raw,), None)
+
+            for chunk, batch in zip(chunks, prefetch(copied())):
                 yield chunk, self._normalise(*batch.wait())
         else:
             for chunk, batch_seed in zip(chunks, seeds):
@@ -267,7 +277,12 @@ class _SplitBatches(torch.utils.data.Dataset):
     def __init__(self, sources: dict[str, FileImages]) -> None:
         self.sources = sources
 
-    def __getitem__(self, request: tuple[str, list[int], bool, int | None]) -> torch.Tensor:
+    def __getitem__(self, request: tuple[str, list[int], bool, int | None]) -> torch.Tensor | DataError:
+        # A DataError raised here would reach the main process re-wrapped by the DataLoader, its message
+        # grown into a traceback; returning it keeps the one-line error (re-raised by iter_images).
         split, indices, train, seed = request
-        with seeded_global_rng(seed):
-            return self.sources[split].load_batch(indices, train)
+        try:
+            with seeded_global_rng(seed):
+                return self.sources[split].load_batch(indices, train)
+        except DataError as error:
+            return error

@@ -3,7 +3,9 @@
 Modules, in the order data flows through them: :mod:`.evaluations` (the metrics of every
 evaluation), :mod:`.load` (reading run folders), :mod:`.aggregate` (selection and summaries over
 seeds: the one aggregator, used by ``bench run``'s table too), :mod:`.tables` (what is shown),
-:mod:`.render` (markdown, LaTeX, CSV, HTML, files), :mod:`.plots`, :mod:`.cli`.
+:mod:`.render` (markdown, LaTeX, CSV, HTML, files), :mod:`.plots`, :mod:`.cli`; for ``--published``,
+:mod:`.published` (the published numbers and their sources, package data) and :mod:`.compare` (ours
+beside them, cell by cell).
 
 Everything is recomputed from the per-group correct/total counts in each run's ``metrics.jsonl``;
 ``final.json`` only marks a run as done (and tells how many evaluations it wrote), its summaries are

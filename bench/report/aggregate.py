@@ -65,8 +65,8 @@ def select_configs(selected: pd.DataFrame, runs: pd.DataFrame, rule: str) -> pd.
     configuration score (:data:`CONFIG_SCORE`) of the primary predictor at the picked epochs.
 
     Ties go to the configuration with more finished seeds, then to the smaller config hash.
-    Columns: dataset, method, config_hash, score (mean), n_seeds, n_configs, varying (the hparams
-    that differ between the configurations compared, with the chosen values).
+    Columns: dataset, method, config_hash, score (mean), n_seeds, n_configs, varying_values (the hparams
+    that differ between the configurations compared, with the chosen values) and varying (the same as text).
     """
     score_column, _ = CONFIG_SCORE[rule]
     primary = selected.join(runs[["method", "config_hash", "seed", "primary", "hparams"]], on="run")
@@ -82,20 +82,22 @@ def select_configs(selected: pd.DataFrame, runs: pd.DataFrame, rule: str) -> pd.
     chosen = ordered.groupby(["dataset", "method"], sort=True).head(1).copy()
     n_configs = per_config.groupby(["dataset", "method"]).size().rename("n_configs")
     chosen = chosen.join(n_configs, on=["dataset", "method"])
-    chosen["varying"] = [
+    chosen["varying_values"] = [
         _varying_hparams(per_config, row.dataset, row.method, row.hparams) for row in chosen.itertuples()
     ]
+    chosen["varying"] = [" ".join(f"{k}={v}" for k, v in values.items()) for values in chosen["varying_values"]]
     return chosen.drop(columns=["rank_score"]).reset_index(drop=True)
 
 
-def _varying_hparams(per_config: pd.DataFrame, dataset: str, method: str, chosen: dict[str, Any]) -> str:
+def _varying_hparams(per_config: pd.DataFrame, dataset: str, method: str, chosen: dict[str, Any]) -> dict[str, Any]:
+    """The chosen values of the hparams whose values differ between the configurations compared."""
     compared = per_config[(per_config["dataset"] == dataset) & (per_config["method"] == method)]
     if len(compared) < 2:
-        return ""
+        return {}
     all_hparams = list(compared["hparams"])
     keys = sorted({k for h in all_hparams for k in h})
     keys = [k for k in keys if len({json.dumps(h.get(k), sort_keys=True, default=str) for h in all_hparams}) > 1]
-    return " ".join(f"{k}={chosen.get(k)}" for k in keys)
+    return {k: chosen.get(k) for k in keys}
 
 
 @dataclass
@@ -124,6 +126,8 @@ class Leaderboard:
     # Models of the chosen configurations that predicted one class in every evaluation (collapsed): path,
     # dataset, row, seed, predictor.
     collapsed: pd.DataFrame
+    # Per method, the caveat its runs recorded (Method.caveat, e.g. ULE's: a reconstruction), if any.
+    caveats: dict[str, str]
 
     @property
     def oracle(self) -> bool:
@@ -221,7 +225,8 @@ def aggregate(results: Results, rule: str = DEFAULT_RULE, primary_only: bool = F
 
     dataset_info = {d: results.datasets[d] for d in datasets}
     return Leaderboard(rule, str(results.root), datasets, dataset_info, rows, cells, configs, per_seed, curves,
-                       group_accuracies, list(results.issues), counts, collapsed_models(curves, runs))
+                       group_accuracies, list(results.issues), counts, collapsed_models(curves, runs),
+                       {m: c for m, c in chosen_runs[["method", "method_caveat"]].itertuples(index=False) if c})
 
 
 def collapsed_models(curves: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:

@@ -13,6 +13,7 @@ from bench.core.selection import DEFAULT_RULE, RULES
 from bench.display import display_path
 from bench.report.aggregate import aggregate
 from bench.report.load import RunIssue, load_results
+from bench.report.published import load_published
 from bench.report.render import to_csv, to_latex, to_markdown, write_report
 from bench.report.tables import collapsed_warning
 
@@ -32,12 +33,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     board = aggregate(results, args.select, primary_only=args.primary_only)
     if warning := collapsed_warning(board):
         print(warning, file=sys.stderr)
+    published = load_published() if args.published else None
     renderers = {"markdown": to_markdown, "latex": to_latex, "csv": to_csv}
-    sys.stdout.write(renderers[args.format](board))
+    sys.stdout.write(renderers[args.format](board, published))
     if not args.no_files:
         folder = Path(args.output) if args.output else Path(args.results) / f"report-{args.select}"
         try:
-            write_report(board, folder, with_html=args.html, with_plots=not args.no_plots)
+            write_report(board, folder, with_html=args.html, with_plots=not args.no_plots, published=published)
         except OSError as error:
             raise BenchError(f"cannot write the report to {folder} ({error.strerror}); choose --output") from None
         print(f"report written to {display_path(folder)}", file=sys.stderr)
@@ -61,6 +63,9 @@ def register(subparsers: dict[str, Any]) -> dict[str, Any]:
     parser.add_argument("--html", action="store_true", help="also write one self-contained report.html")
     parser.add_argument("--no-plots", action="store_true", help="write the tables only")
     parser.add_argument("--no-files", action="store_true", help="print the table only, write nothing")
+    parser.add_argument("--published", action="store_true",
+                        help="beside each cell of a real dataset, the published number, its source and the difference "
+                             "(where the protocols match); synthetic twins are never compared with a paper")
     parser.add_argument("--primary-only", action="store_true",
                         help="leave out the secondary models of multi-model methods (ULE's student, LfF's biased)")
     return {"report": cmd_report}

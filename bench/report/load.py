@@ -224,8 +224,11 @@ def _read_run(path: Path, names: set[str]) -> _RunData:
     primary = config["primary"]
     if not any(primary in record["eval"] and s for record, s in zip(records, selectable)):
         raise CorruptRecord(f"{METRICS_FILE}: no selectable evaluation of the primary predictor {primary!r}")
-    return _RunData(path, {k: config[k] for k in _RUN_FIELDS}, info, structure, list(range(len(records))), stages,
-                    epochs, selectable, widths, predictors, counts)
+    kept = {k: config[k] for k in _RUN_FIELDS}
+    caveat = config.get("method_caveat")
+    kept["method_caveat"] = caveat if isinstance(caveat, str) else ""
+    return _RunData(path, kept, info, structure, list(range(len(records))), stages, epochs, selectable, widths,
+                    predictors, counts)
 
 
 _RUN_FIELDS = ("method", "dataset", "config_hash", "seed", "primary", "hparams")
@@ -345,7 +348,7 @@ def _load(root: Path, folders: list[tuple[Path, set[str]]]) -> Results:
         run_rows.append({
             "run": run_id, "path": str(run.path), "dataset": label, "method": config["method"],
             "config_hash": config["config_hash"], "seed": config["seed"], "primary": config["primary"],
-            "hparams": config["hparams"],
+            "hparams": config["hparams"], "method_caveat": config["method_caveat"],
         })
         per_dataset.setdefault(label, []).append((run_id, run))
         if label not in datasets:
@@ -381,7 +384,7 @@ def _load(root: Path, folders: list[tuple[Path, set[str]]]) -> Results:
     evaluations = pd.concat(frames, ignore_index=True).reindex(columns=columns) if frames else pd.DataFrame(
         columns=columns)
     runs = pd.DataFrame(run_rows, columns=["run", "path", "dataset", "method", "config_hash", "seed", "primary",
-                                           "hparams"]).set_index("run", drop=False)
+                                           "hparams", "method_caveat"]).set_index("run", drop=False)
     return Results(root, runs, evaluations, group_accuracies, datasets, issues, len(folders))
 
 

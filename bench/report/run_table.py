@@ -15,11 +15,9 @@ import numpy as np
 
 from bench.core.metrics import AVERAGES, METRIC_SETS, ONE_CLASS_MARGIN
 from bench.core.selection import describe
-from bench.display import display_path
+from bench.display import TERMINAL_WIDTH, display_path
 from bench.report.aggregate import Leaderboard
 from bench.report.tables import MISSING, format_mean_std
-
-WIDTH = 100  # a terminal's columns
 
 
 def _percent(value: float) -> str:
@@ -71,16 +69,18 @@ def run_tables(board: Leaderboard) -> str:
                       for row in rows]
         parts += ["", f"{metric_set.title} (test, %, mean ± std over seeds)",
                   tabulate(extra_rows, headers=extra_headers, tablefmt="github", disable_numparse=True),
-                  textwrap.fill(metric_set.note, WIDTH)]
+                  textwrap.fill(metric_set.note, TERMINAL_WIDTH)]
     primary = next(row["predictor"] for row in rows if row["is_primary"])
     notes = (f"Test accuracy in %, at the epoch picked by {board.rule} ({describe(board.rule)}); std is the sample "
              f"std over seeds. {average_label} = {AVERAGES[kind].label}."
              + (f" The method's result is the {primary}; the other model is recorded beside it." if multi else ""))
-    parts += ["", textwrap.fill(notes, WIDTH)]
+    parts += ["", textwrap.fill(notes, TERMINAL_WIDTH)]
+    for method, caveat in sorted(board.caveats.items()):
+        parts.append(textwrap.fill(f"Note on {method}: {caveat}", TERMINAL_WIDTH))
     for found in board.collapsed.itertuples():
         parts.append(textwrap.fill(
             f"warning: seed {found.seed}'s {found.predictor} collapsed: it predicted the same class for (nearly) "
             f"every validation example in every epoch (each class's accuracy within {round(100 * ONE_CLASS_MARGIN)} "
-            f"points of 0 or 100%); its numbers are averaged above ({display_path(found.path)})", WIDTH))
+            f"points of 0 or 100%); its numbers are averaged above ({display_path(found.path)})", TERMINAL_WIDTH))
     return "\n".join(parts)
 

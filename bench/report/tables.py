@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -28,11 +29,16 @@ class Cell:
 
 @dataclass
 class Table:
+    """A table as cells; ``keys``: how many leading columns label a row (repeated when a renderer
+    splits a wide table into narrower ones); ``notes`` are one paragraph, ``footnotes`` one each."""
+
     key: str
     title: str
     header: list[str]
     rows: list[list[Cell]]
     notes: list[str] = field(default_factory=list)
+    keys: int = 1
+    footnotes: list[str] = field(default_factory=list)  # one paragraph each (e.g. a source's reference)
 
 
 def _kind_name(kind: str) -> str:
@@ -63,7 +69,7 @@ def _metric_table(board: Leaderboard, key: str, metric: str, title: str, dataset
     lookup = _cell_lookup(board.cells, metric)
     rows = []
     for row in board.rows.itertuples(index=False):
-        line = [Cell(row.row)]
+        line = [row_cell(board, row)]
         for dataset in datasets:
             found = lookup.get((dataset, row.row))
             if found is None:
@@ -101,7 +107,7 @@ def build_tables(board: Leaderboard) -> list[Table]:
         "never marked best." if secondary else ".")
     tables = [
         _metric_table(board, "worst_group", "worst_group_accuracy", _title(board, "Worst-group accuracy (test, %)"),
-                      board.datasets, board.datasets, [common, best_note]),
+                      board.datasets, board.datasets, [common, best_note, *caveat_notes(board)]),
     ]
     kinds = sorted({board.average_kind(d) for d in board.datasets})
     tables.append(_metric_table(
@@ -115,7 +121,22 @@ def build_tables(board: Leaderboard) -> list[Table]:
             tables.append(_metric_set_table(board, dataset, name, common))
     tables.append(_versus_erm_table(board))
     tables.append(_configs_table(board))
+    chosen = _chosen_values_table(board)
+    if chosen.rows:
+        tables.append(chosen)
     return tables
+
+
+CAVEAT_MARK = "†"
+
+
+def row_cell(board: Leaderboard, row: Any) -> Cell:
+    """A table's first cell: the row's label, marked when its method carries a caveat."""
+    return Cell(f"{row.row} {CAVEAT_MARK}" if board.caveats.get(row.method) else row.row)
+
+
+def caveat_notes(board: Leaderboard) -> list[str]:
+    return [f"{CAVEAT_MARK} {method}: {caveat}" for method, caveat in sorted(board.caveats.items())]
 
 
 def _metric_set_table(board: Leaderboard, dataset: str, name: str, common: str) -> Table:
@@ -126,7 +147,7 @@ def _metric_set_table(board: Leaderboard, dataset: str, name: str, common: str) 
     for row in board.rows.itertuples(index=False):
         if not any((dataset, row.row) in lookup for lookup in lookups):
             continue  # not run on this dataset
-        line = [Cell(row.row)]
+        line = [row_cell(board, row)]
         for lookup in lookups:
             found = lookup.get((dataset, row.row))
             if found is None:
@@ -147,7 +168,7 @@ def _versus_erm_table(board: Leaderboard) -> Table:
     has_reference = {d for (d, row) in lookup if row == REFERENCE_METHOD}
     rows = []
     for row in board.rows.itertuples(index=False):
-        line = [Cell(row.row)]
+        line = [row_cell(board, row)]
         for dataset in board.datasets:
             found = lookup.get((dataset, row.row))
             if found is None:
@@ -173,11 +194,20 @@ def _configs_table(board: Leaderboard) -> Table:
     for config in board.configs.itertuples(index=False):
         score = UNAVAILABLE if np.isnan(config.score) else f"{100 * config.score:.1f}"
         rows.append([Cell(config.dataset), Cell(config.method), Cell(config.config_hash), Cell(str(config.n_seeds)),
-                     Cell(str(config.n_configs)), Cell(score), Cell(config.varying or MISSING)])
+                     Cell(str(config.n_configs)), Cell(score)])
     return Table("configs", _title(board, "Selected configurations"),
-                 ["dataset", "method", "config", "seeds", "configs compared", "score (%)", "chosen values of the "
-                  "hparams that differ"], rows,
-                 [f"score: mean over seeds of {score_text} at the selected epochs (primary predictor)."])
+                 ["dataset", "method", "config", "seeds", "configs compared", "score (%)"], rows,
+                 [f"score: mean over seeds of {score_text} at the selected epochs (primary predictor)."], keys=2)
+
+
+def _chosen_values_table(board: Leaderboard) -> Table:
+    """One row per hparam whose value differs between the configurations compared, with the chosen value."""
+    rows = [[Cell(config.dataset), Cell(config.method), Cell(name), Cell(str(value))]
+            for config in board.configs.itertuples(index=False) for name, value in config.varying_values.items()]
+    return Table("chosen_values", _title(board, "Chosen values of the hparams that differ between configurations"),
+                 ["dataset", "method", "hparam", "chosen value"], rows,
+                 ["Only the hparams whose values differ between the configurations of a (method, dataset)."],
+                 keys=2)
 
 
 def header_lines(board: Leaderboard) -> list[str]:

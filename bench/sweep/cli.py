@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import textwrap
 import time
 from collections import Counter
 from pathlib import Path
@@ -14,7 +15,8 @@ from bench.core.precision_names import PRECISIONS
 from bench.core.selection import DEFAULT_RULE
 from bench.display import display_path
 from bench.sweep.launchers import LAUNCHERS, REGISTRY
-from bench.sweep.plan import PlannedRun, best_draws, plan
+from bench.sweep.plan import PlannedRun, best_draws, plan, short_value
+from bench.sweep.presets import resolve_sweep_file
 from bench.sweep.settings import (
     LAUNCH_KEYS,
     SPEC_KEYS,
@@ -33,7 +35,8 @@ FAILED_BEFORE = "failed.previous.json"  # failed.json of a run relaunched by --r
 
 def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     # Defaults are None: a flag given on the command line overrides the sweep file, others do not.
-    parser.add_argument("file", nargs="?", help="sweep file (.yaml/.yml/.toml) with the settings below")
+    parser.add_argument("file", nargs="?", help="sweep file (.yaml/.yml/.toml) with the settings below, or a preset "
+                                                "(presets/NAME.yaml or NAME; see `bench list --presets`)")
     what = parser.add_argument_group("what to run")
     what.add_argument("--methods", help="comma-separated method names (see `bench list`)")
     what.add_argument("--datasets", help="comma-separated dataset names")
@@ -80,7 +83,8 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     control.add_argument("--dry-run", action="store_true", help="list what would be launched; write nothing")
     control.add_argument("--retry-failed", action="store_true", help="relaunch failed runs too")
     control.add_argument("--wait", action="store_true", help="slurm: wait until every launched run has ended")
-    control.add_argument("--show", type=int, default=10, metavar="N", help="runs listed by --dry-run (default 10)")
+    control.add_argument("--show", type=int, default=10, metavar="N",
+                         help="(dataset, method, draw) rows listed by --dry-run (default 10)")
     control.add_argument("--quiet", action="store_true", help="no progress bars (local launcher)")
 
 
@@ -88,12 +92,48 @@ FLAG_KEYS = sorted(SPEC_KEYS | LAUNCH_KEYS)
 
 
 def settings_from_args(args: argparse.Namespace) -> tuple[SweepSpec, LaunchOptions]:
-    settings: dict[str, Any] = load_sweep_file(args.file) if args.file else {}
+    settings: dict[str, Any] = load_sweep_file(resolve_sweep_file(args.file)) if args.file else {}
     for key in FLAG_KEYS:
         value = getattr(args, key, None)
         if value is not None:
             settings[key] = value
     return build_settings(settings)
+
+
+def _seed_ranges(seeds: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``0-2,5``."""
+    parts: list[str] = []
+    for seed in sorted(seeds):
+        if parts and parts[-1].split("-")[-1] == str(seed - 1):
+            parts[-1] = f"{parts[-1].split('-')[0]}-{seed}"
+        else:
+            parts.append(str(seed))
+    return ",".join(parts)
+
+
+def launch_table(runs: list[PlannedRun], show: int, out: str) -> str:
+    """What a dry run would launch, one row per (dataset, method, draw) with its config folder and seeds,
+    then the drawn hyperparameters of draws other than 0; at most ``show`` rows. Fits 100 columns."""
+    from tabulate import tabulate
+
+    groups: dict[tuple[str, str, int], list[PlannedRun]] = {}
+    for run in runs:
+        groups.setdefault((run.dataset, run.method, run.draw), []).append(run)
+    rows, drawn = [], []
+    for (dataset, method, draw), members in list(groups.items())[:show]:
+        config = members[0].run_dir.path.parent.name
+        rows.append([dataset, method, draw, config, _seed_ranges([run.seed for run in members])])
+        if draw > 0:
+            values = " ".join(f"{k}={short_value(v)}" for k, v in members[0].tuned)
+            drawn.append(textwrap.fill(f"{method} on {dataset}, draw {draw} ({config}): {values}", 100,
+                                       initial_indent="  ", subsequent_indent="    ", break_on_hyphens=False))
+    lines = [tabulate(rows, headers=["dataset", "method", "draw", "config", "seeds"], tablefmt="github"),
+             f"run folders: {out}/DATASET/METHOD/CONFIG/seedK; draw 0 is each method's defaults"]
+    if len(groups) > show:
+        lines.append(f"... and {len(groups) - show} more (dataset, method, draw) rows (--show N lists more)")
+    if drawn:
+        lines += ["drawn hyperparameters:", *drawn]
+    return "\n".join(lines)
 
 
 def _retry(run: PlannedRun) -> None:
@@ -115,7 +155,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     planned_in = time.perf_counter() - started
     out = display_path(Path(spec.out).expanduser().resolve())
     summary = ", ".join(f"{counts.get(s, 0)} {s}" for s in STATE_ORDER)
-    print(f"sweep {spec.sweep_id}: {len(runs)} runs in {out} ({summary}); planned in {planned_in:.2f} s")
+    print(f"sweep {spec.sweep_id}: {len(runs)} runs in {out}; planned in {planned_in:.2f} s")
+    print(f"  {summary}")
     if best is not None:
         for (method, dataset), (draw, score) in sorted(best.items()):
             print(f"  best draw of {method} on {dataset}: {draw} (mean {spec.select} {100 * score:.1f})")
@@ -124,10 +165,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
               "relaunches them)")
     if args.dry_run:
         print(f"would launch {len(to_launch)} runs with --launcher {options.launcher}" + (":" if to_launch else ""))
-        for run in to_launch[: args.show]:
-            print(f"  {run.describe()} -> {display_path(run.run_dir.path)}")
-        if len(to_launch) > args.show:
-            print(f"  ... and {len(to_launch) - args.show} more")
+        if to_launch:
+            print(launch_table(to_launch, args.show, out))
         return 0
     if not to_launch:
         print("nothing to launch")

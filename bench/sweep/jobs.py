@@ -15,7 +15,7 @@ import submitit
 
 from bench.core import records
 from bench.core.records import RunDir
-from bench.run_lock import RunLock
+from bench.run_lock import RunHeldError, describe_holder, hold_run
 from bench.sweep.plan import PlannedRun
 
 
@@ -60,29 +60,26 @@ def run_task(task: RunTask, quiet: bool = True) -> dict[str, Any]:
     run_dir = RunDir(task.run_dir)
     if run_dir.is_done():
         return {**run_dir.read_final(), "skipped": True}
-    run_dir.path.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(run_dir)
-    holder = lock.acquire()
-    if holder is not None:
-        where = f"{holder.get('host')} pid {holder.get('pid')} job {holder.get('slurm_job_id')}"
+    try:
+        with hold_run(run_dir):
+            try:
+                _limit_threads(task.threads)
+                if run_dir.checkpoint.exists():
+                    print(f"{run_dir.path}: resuming from its checkpoint", flush=True)
+                prepared = prepare(task.request)
+                actual = prepared.run_dir(task.seed).path
+                if actual.resolve() != run_dir.path.resolve():
+                    raise RuntimeError(f"this run now resolves to {actual}, not to the planned {run_dir.path}: the "
+                                       "code, a dataset's defaults or its files changed since the sweep was planned; "
+                                       "rerun `bench sweep`")
+                result = execute(prepared, task.seed, quiet=quiet)
+            except Exception as error:  # anything that escapes the runner (user errors, bugs): recorded for status
+                records.atomic_write_json(run_dir.failed, failure_record(error))
+                raise
+    except RunHeldError as held:
+        where = describe_holder(held.holder)
         print(f"{run_dir.path}: already running ({where}); not started twice", flush=True)
         return {"status": "skipped", "reason": f"already running on {where}"}
-    try:
-        _limit_threads(task.threads)
-        if run_dir.checkpoint.exists():
-            print(f"{run_dir.path}: resuming from its checkpoint ({len(run_dir.read_metrics())} evaluations "
-                  "recorded)", flush=True)
-        prepared = prepare(task.request)
-        actual = prepared.run_dir(task.seed).path
-        if actual.resolve() != run_dir.path.resolve():
-            raise RuntimeError(f"this run now resolves to {actual}, not to the planned {run_dir.path}: the code "
-                               "or a dataset's defaults changed since the sweep was planned; rerun `bench sweep`")
-        result = execute(prepared, task.seed, quiet=quiet)
-    except Exception as error:  # anything that escapes the runner (user errors, bugs): recorded for status
-        records.atomic_write_json(run_dir.failed, failure_record(error))
-        raise
-    finally:
-        lock.release()
     if result.get("status") == "failed":
         raise RunFailedError(f"{run_dir.path}: {result['error_type']}: {result['reason']}")
     return result

@@ -31,11 +31,11 @@ class PlannedRun:
     tuned: tuple[tuple[str, Any], ...] = ()  # the drawn hyperparameter values, for display
 
     def describe(self) -> str:
-        values = " ".join(f"{k}={_short(v)}" for k, v in self.tuned) if self.draw else "defaults"
+        values = " ".join(f"{k}={short_value(v)}" for k, v in self.tuned) if self.draw else "defaults"
         return f"{self.method} {self.dataset} draw {self.draw} seed {self.seed} ({values})"
 
 
-def _short(value: Any) -> str:
+def short_value(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 

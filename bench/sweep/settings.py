@@ -107,6 +107,9 @@ SPEC_KEYS = {SETTING_OF_FIELD.get(f, f) for f in SweepSpec.__dataclass_fields__}
 LAUNCH_KEYS = {f for f in LaunchOptions.__dataclass_fields__}
 FILE_ONLY_ALIASES = {"slurm_account": "account", "slurm_qos": "qos", "data_option": "data_options",
                      "sbatch_arg": "sbatch_args"}
+# What a sweep file may say about itself (a preset's title, the source of its protocol, notes): read by
+# bench.sweep.presets, never part of the settings.
+DESCRIPTION_KEYS = ("title", "source", "notes")
 
 
 def parse_slurm_time(text: str) -> int:
@@ -171,9 +174,8 @@ def _as_int(key: str, value: Any, minimum: int, optional: bool = False) -> int |
     return number
 
 
-def load_sweep_file(path: str | Path) -> dict[str, Any]:
-    """Settings from a YAML (.yaml/.yml) or TOML (.toml) sweep file; keys as the flags, with ``_`` or ``-``,
-    and SLURM settings either at the top level or in a ``slurm`` table."""
+def read_sweep_file(path: str | Path) -> dict[str, Any]:
+    """A sweep file's content as written (a mapping); ConfigError when it is missing or cannot be parsed."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sweep file {path}: not found")
@@ -198,8 +200,18 @@ def load_sweep_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"sweep file {path}: cannot parse it ({first_line})") from None
     if not isinstance(content, dict):
         raise ConfigError(f"sweep file {path}: expected a mapping of settings at the top level")
+    return content
+
+
+def load_sweep_file(path: str | Path) -> dict[str, Any]:
+    """Settings from a YAML (.yaml/.yml) or TOML (.toml) sweep file; keys as the flags, with ``_`` or ``-``,
+    and SLURM settings either at the top level or in a ``slurm`` table. :data:`DESCRIPTION_KEYS` are
+    left out."""
+    path = Path(path)
     settings: dict[str, Any] = {}
-    for key, value in content.items():
+    for key, value in read_sweep_file(path).items():
+        if key in DESCRIPTION_KEYS:
+            continue
         if key == "slurm" and isinstance(value, dict):
             for sub_key, sub_value in value.items():
                 settings[_normalise_key(path, sub_key)] = sub_value
@@ -251,7 +263,7 @@ def build_settings(settings: dict[str, Any]) -> tuple[SweepSpec, LaunchOptions]:
         stage=stage,
         search_seeds=_as_int("search_seeds", settings.get("search_seeds", 1), 1),  # type: ignore[arg-type]
         select=select,
-        epochs=_as_int("epochs", settings.get("epochs"), 0, optional=True),
+        epochs=_as_int("epochs", settings.get("epochs"), 1, optional=True),
         hparam_overrides=tuple(str(h) for h in hparam_items),
         backbone=settings.get("backbone"),
         weights=settings.get("weights"),

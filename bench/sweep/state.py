@@ -86,6 +86,10 @@ def classify(run_dir: RunDir, submitted: dict | None, held: dict | None, job_sta
     job_id = str(submitted["job_id"]) if submitted and submitted.get("job_id") else None
     if run_dir.is_done():
         return RunStatus(RunState.DONE, job_id, submitted=submitted)
+    problem = run_dir.final_problem()
+    if problem is not None:  # a final.json that records no finished run: its result is lost
+        return RunStatus(RunState.FAILED, job_id, f"{problem}; delete it (or `bench run --force`) to train the run "
+                                                  "again", submitted)
     failure = read_json(run_dir.failed)
     if failure is not None:
         return RunStatus(RunState.FAILED, job_id, f"{failure.get('error_type')}: {failure.get('reason')}", submitted)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,9 +14,10 @@ from submitit.core.utils import JobPaths
 from bench.core import records
 from bench.core.errors import ConfigError
 from bench.core.records import RunDir
-from bench.display import display_path
+from bench.display import TERMINAL_WIDTH, display_path
 from bench.run_lock import read_json
 from bench.sweep.plan import PlannedRun, plan
+from bench.sweep.presets import find_preset
 from bench.sweep.settings import SweepSpec, build_settings, load_sweep_file
 from bench.sweep.state import STATE_ORDER, RunState, classify_runs
 
@@ -100,30 +102,39 @@ def sweep_report(name: str, out: Path, runs: Sequence[PlannedRun], lines: int) -
     }
 
 
+
+
+def _wrap(text: str, indent: str, more: str) -> list[str]:
+    return textwrap.wrap(text, TERMINAL_WIDTH, initial_indent=indent, subsequent_indent=more, break_long_words=False,
+                         break_on_hyphens=False) or [indent.rstrip()]
+
+
 def format_report(report: dict[str, Any]) -> str:
     counts = report["counts"]
     lines = [f"{report['sweep']}: {report['n_runs']} runs in {display_path(Path(report['out']))}",
-             "  " + " | ".join(f"{state} {counts[state]}" for state in STATE_ORDER)]
+             *_wrap(" | ".join(f"{state} {counts[state]}" for state in STATE_ORDER), "  ", "  ")]
     if report["slurm_jobs"]:
         jobs = "; ".join(f"{job} ({', '.join(f'{n} {s}' for s, n in sorted(c.items()))})"
                          for job, c in report["slurm_jobs"].items())
-        lines.append(f"  SLURM jobs: {jobs}")
+        lines += _wrap(f"SLURM jobs: {jobs}", "  ", "    ")
     for failure in report["failed"]:
         job = f" [job {failure['job_id']}]" if failure["job_id"] else ""
-        lines.append(f"  FAILED {failure['run']}{job}: {failure['error']}")
+        lines += _wrap(f"FAILED {failure['run']}{job}: {failure['error']}", "  ", "    ")
         lines.append(f"    folder: {failure['run_dir']}")
         for line in failure["traceback_tail"]:
-            lines.append(f"    | {line}")
+            lines += _wrap(line, "    | ", "    |   ")
         if failure["log"]:
             lines.append(f"    log: {failure['log']}")
         for line in failure["log_tail"]:
-            lines.append(f"    log | {line}")
+            lines += _wrap(line, "    log | ", "    log |   ")
     return "\n".join(lines)
 
 
 def status_reports(target: str, lines: int = 5) -> list[dict[str, Any]]:
     """Reports for ``bench status``: one per sweep of a results folder, or the sweep of a sweep file."""
     path = Path(target).expanduser()
+    if not path.exists() and find_preset(target) is not None:
+        path = find_preset(target)  # type: ignore[assignment]
     if path.is_file():
         spec, _ = build_settings(load_sweep_file(path))
         out = Path(spec.out).expanduser().resolve()
