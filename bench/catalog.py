@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.core.errors import BenchError
-from bench.display import TERMINAL_WIDTH, display_path, fit_table
+from bench.display import CAVEAT_MARK, TERMINAL_WIDTH, display_path, fit_table
 
 INDENT = "    "
 
@@ -82,10 +82,10 @@ def _export_note(name: str, folder: Path) -> str:
 def _backbone_table() -> str:
     from bench.core.backbones import BUILT_IN, TIMM_PREFIX
 
-    rows = [[backbone.name, f"{backbone.input.size} px, {backbone.input.normalisation.describe()}",
-             backbone.pretrained_weights] for backbone in BUILT_IN.values()]
+    rows = [[backbone.name, backbone.pretrained_weights,
+             f"{backbone.input.size} px, {backbone.input.normalisation.describe()}"] for backbone in BUILT_IN.values()]
     # The descriptions are in ``bench list --long``: with them no column here would be readable in 100.
-    return (fit_table(rows, ["backbone", "input", "pretrained=true loads"]) + "\n"
+    return (fit_table(rows, ["backbone", "pretrained=true loads", "input"]) + "\n"
             + textwrap.fill(f"Any timm model is a backbone too: --backbone {TIMM_PREFIX}<model>, e.g. "
                             f"{TIMM_PREFIX}convnext_tiny (names: python -c 'import timm; print(timm.list_models())'); "
                             "its input size and normalisation come from timm's pretrained_cfg, its pretrained "
@@ -129,8 +129,9 @@ def cmd_list(args: argparse.Namespace) -> int:
         for name in method_names():
             cls = get_method(name)
             own = "; ".join(f"{key} (default {spec.default!r}): {spec.doc}" for key, spec in cls.own_hparams.items())
-            blocks.append(block(f"method {name}", [("what", _summary(cls.__module__)), ("paper", cls.paper),
-                                                  ("own hparams", own)]))
+            fields = [("what", _summary(cls.__module__)), ("paper", cls.paper),
+                      *([("caveat", cls.caveat)] if cls.caveat else []), ("own hparams", own)]
+            blocks.append(block(f"method {name}", fields))
         for name in dataset_names():
             source = get_dataset(name)
             status, where = _files_status(source, root)
@@ -143,7 +144,12 @@ def cmd_list(args: argparse.Namespace) -> int:
                                          for backbone in BUILT_IN.values()]))
         print("\n\n".join(blocks))
         return 0
-    print(fit_table([[name, get_method(name).paper] for name in method_names()], ["method", "paper"]))
+    methods = [get_method(name) for name in method_names()]
+    print(fit_table([[cls.name + (CAVEAT_MARK if cls.caveat else ""), cls.paper] for cls in methods],
+                    ["method", "paper"]))
+    for cls in methods:
+        if cls.caveat:
+            print(textwrap.fill(f"{CAVEAT_MARK} {cls.name}: {cls.caveat}", TERMINAL_WIDTH))
     print()
     rows = [[name, _files_status(get_dataset(name), root)[0], get_dataset(name).description]
             for name in dataset_names()]

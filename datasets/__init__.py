@@ -18,6 +18,10 @@ from bench.core.errors import ConfigError, DataError
 _REGISTRY: dict[str, type[DatasetSource]] = {}
 
 
+# A dataset option every dataset understands: keep this fraction of each group of each split.
+SUBSAMPLE_OPTION = "subsample"
+
+
 class DatasetSource:
     """Describes one dataset and knows how to load it."""
 
@@ -43,11 +47,11 @@ class DatasetSource:
     @classmethod
     def check_options(cls, options: dict[str, Any]) -> None:
         """ConfigError naming an option this dataset does not understand."""
-        known = (*(("image_size",) if cls.accepts_image_size else ()), *cls.option_names)
+        known = (*(("image_size",) if cls.accepts_image_size else ()), *cls.option_names, SUBSAMPLE_OPTION)
         for key in options:
             if key not in known:
                 raise ConfigError(f"--data-option {key}: not an option of {cls.name}; "
-                                  + (f"known: {', '.join(known)}" if known else "it takes none"))
+                                  + f"known: {', '.join(known)}")
 
     @classmethod
     def load(cls, data_root: Path | None, options: dict[str, Any]) -> SpuriousDataset:
@@ -102,10 +106,6 @@ def resolve_data_root(data_root: str | Path | None) -> Path | None:
 
 
 _LOADED: dict[tuple, SpuriousDataset] = {}
-
-# A dataset option every dataset understands: keep this fraction of each group of each split.
-SUBSAMPLE_OPTION = "subsample"
-
 
 def subsample_fraction(options: dict[str, Any]) -> float | None:
     """The ``subsample`` option as a fraction in (0, 1], None when absent; ConfigError otherwise."""

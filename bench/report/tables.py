@@ -10,7 +10,7 @@ import pandas as pd
 
 from bench.core.metrics import AVERAGE_LABELS, METRIC_SETS, ONE_CLASS_MARGIN
 from bench.core.selection import describe
-from bench.display import display_path
+from bench.display import CAVEAT_MARK, display_path
 from bench.report.aggregate import CONFIG_SCORE, REFERENCE_METHOD, Leaderboard
 
 ORACLE_MARK = "ORACLE (model selected on the test set; an upper bound, not a valid result)"
@@ -125,9 +125,6 @@ def build_tables(board: Leaderboard) -> list[Table]:
     if chosen.rows:
         tables.append(chosen)
     return tables
-
-
-CAVEAT_MARK = "†"
 
 
 def row_cell(board: Leaderboard, row: Any) -> Cell:
