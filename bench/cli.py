@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.core.errors import BenchError
+from bench.core.precision_names import PRECISIONS
 from bench.core.selection import DEFAULT_RULE, RULES
 from bench.display import display_path
 
@@ -72,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--deterministic", action="store_true",
                      help="deterministic GPU kernels only, so that a seed reproduces a run on CUDA too (slower)")
     run.add_argument("--workers", type=int, default=0, help="data loading worker processes for image files")
+    run.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                     help="the networks' arithmetic: fp32 (default), bf16 or fp16 mixed precision (autocast)")
+    run.add_argument("--compile", action="store_true",
+                     help="compile the models with torch.compile (not for methods that take double backwards)")
     run.add_argument("--select", default=DEFAULT_RULE, choices=[r for r in RULES if r != "oracle-test"],
                      help=f"model selection rule for the printed table (default {DEFAULT_RULE})")
     run.add_argument("--force", action="store_true", help="rerun seeds that are already done")
@@ -125,12 +130,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         device=args.device,
         workers=args.workers,
         deterministic=args.deterministic,
+        precision=args.precision,
+        compile=args.compile,
         wait=args.wait,
     )
     prepared = prepare(request)
     if not args.quiet:
         hp = " ".join(f"{k}={v}" for k, v in sorted(prepared.hparams.items()))
-        print(f"{args.method} on {args.dataset} ({prepared.device}); hparams: {hp}", file=sys.stderr)
+        how = f"{prepared.device}" + (f", {args.precision}" if args.precision != "fp32" else "") + (
+            ", compiled" if args.compile else "")
+        print(f"{args.method} on {args.dataset} ({how}); hparams: {hp}", file=sys.stderr)
     finals = []
     seeds = range(args.seed_offset, args.seed_offset + args.seeds)
     for seed in seeds:

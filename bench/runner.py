@@ -25,10 +25,12 @@ import torch
 
 from bench.core import records
 from bench.core.artifacts import ArtifactStore
-from bench.core.backbones import get_backbone
+from bench.core.backbones import get_backbone, memory_format
 from bench.core.device_data import DeviceData
 from bench.core.errors import BenchError, ConfigError, DataError
 from bench.core.metrics import GroupStructure
+from bench.core.precision import Precision, check_available
+from bench.core.precision_names import DEFAULT_PRECISION, check_name
 from bench.core.records import RunDir
 from bench.run_lock import describe_holder, hold_run
 from bench.trainer import (
@@ -76,6 +78,10 @@ class RunRequest:
     # Deterministic GPU kernels only (bench.trainer.use_deterministic_kernels). Not part of the run's
     # identity: it changes how the numbers are computed, not what is computed; recorded in config.json.
     deterministic: bool = False
+    # The networks' arithmetic (bench.core.precision) and torch.compile. Part of the run's identity when not
+    # the default (fp32, not compiled): they change the numbers a run computes, beyond rounding order.
+    precision: str = DEFAULT_PRECISION
+    compile: bool = False
     # Wait for another process that holds a run's lock instead of stopping with an error.
     wait: bool = False
 
@@ -142,6 +148,13 @@ def run_identity(request: RunRequest) -> dict[str, Any]:
     }
     if data_version := source.data_version():
         identity["data_version"] = data_version
+    # Likewise only when not the default, so that every float32, uncompiled run keeps its identity.
+    if check_name(request.precision) != DEFAULT_PRECISION:
+        identity["precision"] = request.precision
+    if request.compile:
+        if reason := method_cls.double_backward(hparams):
+            raise ConfigError(f"--compile: {reason}, which torch.compile cannot compile; run without --compile")
+        identity["compile"] = True
     if source.needs_data_root:
         dataset = load_dataset(request.dataset, request.data_root, request.dataset_options)
         identity["data_fingerprint"] = dataset.data_fingerprint
@@ -176,6 +189,7 @@ def prepare(request: RunRequest) -> PreparedRun:
         raise ConfigError(f"method {request.method} needs the spurious-region masks that only some synthetic twins "
                           f"provide (waterbirds-synth, urbancars-synth, spawrious-synth); {request.dataset} has none")
     device = pick_device(request.device)
+    check_available(request.precision, device)
     weights = Path(identity["weights"]) if identity["weights"] else None
     backbone = get_backbone(hparams["backbone"])
     backbone.check_image_size(dataset.image_shape)
@@ -345,6 +359,8 @@ def _train_seed(prepared: PreparedRun, seed: int, run_dir: RunDir, quiet: bool) 
         # float sums), so it is recorded with the versions.
         "torch_threads": torch.get_num_threads(),
         "deterministic": request.deterministic,
+        "precision": request.precision,
+        "compile": request.compile,
         "versions": _versions(),
         "git_commit": _git_commit(),
         "command": sys.argv,
@@ -361,8 +377,10 @@ def _train_seed(prepared: PreparedRun, seed: int, run_dir: RunDir, quiet: bool) 
     hparams = prepared.hparams
 
     def make_model():  # type: ignore[no-untyped-def]
-        return backbone.build(dataset.n_classes, dataset.image_shape[0], hparams["pretrained"], weights)
+        model = backbone.build(dataset.n_classes, dataset.image_shape[0], hparams["pretrained"], weights)
+        return model.to(memory_format=memory_format(prepared.device))
 
+    precision = Precision(request.precision, prepared.device)
     context = MethodContext(
         hparams=hparams,
         dataset_info=info,
@@ -371,17 +389,23 @@ def _train_seed(prepared: PreparedRun, seed: int, run_dir: RunDir, quiet: bool) 
         seed=seed,
         artifacts=ArtifactStore(run_dir.path),
         base_run=_base_run(run_dir, request.out, base_run),
+        precision=precision,
+        compile=request.compile,
     )
     progress = Progress(quiet=quiet, label=f"{request.method} {request.dataset} seed{seed}")
+    data = None
     try:
         method = method_cls(context)
         data = DeviceData(dataset, prepared.device, uses_train_groups, request.workers,
-                          normalisation=backbone.input.normalisation, masks_allowed=uses_masks)
+                          normalisation=backbone.input.normalisation, masks_allowed=uses_masks, precision=precision)
         final = train(method, data, run_dir, seed, structure, progress)
     except (NonFiniteLossError, RuntimeError, ValueError, OSError) as error:
         failure = failure_record(error)
         records.atomic_write_json(run_dir.failed, failure)
         return failure
+    finally:
+        if data is not None:
+            data.close()
     final.update({"method": request.method, "dataset": request.dataset, "seed": seed,
                   "config_hash": config["config_hash"], "run_dir": str(run_dir.path)})
     records.atomic_write_json(run_dir.final, final)

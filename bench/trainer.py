@@ -5,12 +5,14 @@ knows nothing about any particular method; methods know nothing about files or e
 method caches goes through the artifact store of its context).
 
 Reproducibility: the model initialisation and every random draw of training come from the run's
-seed; the order of examples in an epoch comes from a generator seeded by (seed, stage, epoch), so
-a run resumed from a checkpoint sees exactly the batches an uninterrupted run would.
+seed; the order of examples in an epoch comes from a generator seeded by (seed, stage, epoch), and so
+do the random numbers of its data augmentations (:func:`augmentation_seed`), so a run resumed from a
+checkpoint sees exactly the batches an uninterrupted run would.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import time
@@ -90,6 +92,13 @@ def _epoch_generator(seed: int, stage_index: int, epoch: int) -> torch.Generator
     generator = torch.Generator()
     generator.manual_seed(seed * 1_000_003 + stage_index * 10_007 + epoch)
     return generator
+
+
+def augmentation_seed(seed: int, stage_index: int, epoch: int) -> int:
+    """The seed of an epoch's training augmentations (DeviceData derives one per batch from it): a function
+    of (seed, stage, epoch) alone, like the epoch's order, and independent of that order's generator."""
+    digest = hashlib.sha256(f"augment/{seed}/{stage_index}/{epoch}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 @dataclass
@@ -199,7 +208,8 @@ def train(
                 order = method.epoch_indices(stage, epoch, data.n("train"), _epoch_generator(seed, stage_index, epoch))
                 n_batches = (len(order) + batch_size - 1) // batch_size
                 with progress.bar(n_batches, f"{stage.name} {epoch + 1}/{stage.epochs}") as bar:
-                    for chunk, x in data.iter_images("train", order, batch_size, train=True):
+                    augment_seed = augmentation_seed(seed, stage_index, epoch)
+                    for chunk, x in data.iter_images("train", order, batch_size, train=True, seed=augment_seed):
                         chunk = chunk.to(data.device)
                         batch = Batch(
                             x=x,

@@ -35,8 +35,8 @@ def bare_epoch(dataset, hparams: dict, seed: int) -> float:
     torch.manual_seed(seed)
     model = build_backbone("small-cnn", dataset.n_classes)
     optimizer = torch.optim.Adam(model.parameters(), lr=hparams["lr"], weight_decay=hparams["weight_decay"])
-    mean = torch.tensor(dataset.mean).view(1, -1, 1, 1)
-    std = torch.tensor(dataset.std).view(1, -1, 1, 1)
+    mean = torch.tensor(SYMMETRIC_NORMALISATION.mean).view(1, -1, 1, 1)  # small-cnn's (DeviceData's below)
+    std = torch.tensor(SYMMETRIC_NORMALISATION.std).view(1, -1, 1, 1)
     train_split = dataset.splits["train"]
     started = time.perf_counter()
     order = torch.randperm(len(train_split), generator=_epoch_generator(seed, 0, 0))

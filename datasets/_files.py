@@ -44,8 +44,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.core.dataset import FileImages, rgb_image
+from bench.core.dataset import FileImages, FrameImages, FrameTransform, rgb_image
 from bench.core.errors import ConfigError, DataError
+from bench.core.frame_batches import centre_offsets
 from datasets import DatasetSource
 
 CACHE_FORMAT_VERSION = 1  # bump when the cached frames of the same files would differ
@@ -279,7 +280,7 @@ class ImagePipeline:
         """
         if train and self.augment == "resized_crop_flip":
             return self._resized_crop_flip(frames, rows)
-        top, left = _center_offsets(frames.shape[-2:], self.crop)
+        top, left = centre_offsets(tuple(frames.shape[-2:]), self.crop)  # type: ignore[arg-type]
         cropped = torch.empty((len(rows), 3, *self.crop), dtype=torch.uint8)
         window = np.s_[:, top : top + self.crop[0], left : left + self.crop[1]]
         buffer = cropped.numpy()  # shares memory with ``cropped``
@@ -322,11 +323,6 @@ def _colour_ops() -> list[Any]:
     from torchvision import transforms as T
 
     return [T.RandomHorizontalFlip(), T.ColorJitter(0.3, 0.3, 0.3, 0.3), T.RandomGrayscale()]
-
-
-def _center_offsets(size: Sequence[int], crop: tuple[int, int]) -> tuple[int, int]:
-    """(top, left) of a centred crop, with torchvision CenterCrop's rounding: int(round((H - h) / 2))."""
-    return int(round((size[0] - crop[0]) / 2.0)), int(round((size[1] - crop[1]) / 2.0))
 
 
 def _random_flip(image: torch.Tensor) -> torch.Tensor:
@@ -398,12 +394,13 @@ def open_cache(path: Path, n_images: int, frame: tuple[int, int]) -> np.ndarray 
     return array
 
 
-class CachedImages(FileImages):
+class CachedImages(FrameImages):
     """A split's images read from the cache memmap; ``paths`` still name the source files.
 
     ``load``/``load_batch`` gather the uint8 frames of the requested rows and apply the pipeline's
-    crop/flip on them. The memmap is opened lazily in each process (DataLoader workers included)
-    and never pickled.
+    crop/flip on them; the trainer may instead gather whole frames (``frames()``, ``rows``) and apply
+    ``transform`` on the device. The memmap is opened lazily in each process (DataLoader workers
+    included) and never pickled.
     """
 
     def __init__(self, paths: Sequence[Path], rows: Sequence[int], cache_file: Path, n_rows: int,
@@ -411,6 +408,7 @@ class CachedImages(FileImages):
         train_transform, eval_transform = pipeline.file_transforms()
         super().__init__(paths, train_transform, eval_transform, pipeline.shape)
         self.rows = np.asarray(rows, dtype=np.int64)
+        self.transform = FrameTransform(pipeline.crop, pipeline.augment, pipeline.crop_scale, pipeline.crop_ratio)
         self.cache_file = cache_file
         self.n_rows = n_rows
         self.pipeline = pipeline

@@ -15,7 +15,8 @@ handed (no files, no records, no other runs):
   resume (ULE's warm-up position, JTT's training-pass bookkeeping).
 * ``epoch_indices(...)``: the order of training examples for one epoch (GroupDRO samples groups
   uniformly, JTT upsamples its error set); pure: the same arguments give the same order.
-* ``update(batch)``: one optimisation step on a batch, returns the losses to log.
+* ``update(batch)``: one optimisation step on a batch, returns the losses to log. Its forward and
+  backward passes and its optimiser steps go through ``self.precision`` (see :class:`MethodContext`).
 * ``predictors()``: the models to evaluate, by name; ``primary`` names the method's result (ULE's
   teacher), the others are recorded beside it (ULE's student).
 * ``state_dict()``/``load_state_dict()``: everything needed to resume; by default every module,
@@ -43,9 +44,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.core.artifacts import ArtifactStore
-from bench.core.backbones import Classifier, backbone_problem
+from bench.core.backbones import Classifier, backbone_problem, compile_model
 from bench.core.device_data import DeviceData
 from bench.core.errors import ConfigError
+from bench.core.precision import Precision
 
 # --------------------------------------------------------------------------------------------
 # Hyperparameters
@@ -180,8 +182,15 @@ class BaseRun:
 
 @dataclass
 class MethodContext:
-    """What a method is given: resolved hparams, the dataset's description, a model factory, and
-    the run's artifact store and base run (see :class:`BaseRun`)."""
+    """What a method is given: resolved hparams, the dataset's description, a model factory, the run's
+    artifact store and base run (see :class:`BaseRun`), its precision and whether its models are compiled.
+
+    ``precision`` (:class:`bench.core.precision.Precision`) is how the networks compute: a method runs its
+    forward passes through ``precision.forward``, its backward passes through ``precision.backward`` (or
+    ``precision.input_gradient`` for gradients with respect to the inputs) and its optimiser steps
+    through ``precision.step``; for fp32 these are exactly ``model(x)``, ``loss.backward()`` and
+    ``optimizer.step()``. ``compile``: :meth:`Method.new_model` compiles every model it builds.
+    """
 
     hparams: dict[str, Any]
     dataset_info: dict[str, Any]
@@ -190,20 +199,22 @@ class MethodContext:
     seed: int
     artifacts: ArtifactStore = field(default_factory=ArtifactStore)
     base_run: BaseRun | None = None
+    precision: Precision = field(default_factory=Precision)
+    compile: bool = False
 
 
-def erm_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
-             ) -> tuple[torch.Tensor, float]:
+def erm_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+             precision: Precision) -> tuple[torch.Tensor, float]:
     """One plain cross-entropy step (ERM's): returns the logits (computed before the step) and the loss.
 
     Every method whose step is ERM's calls this, so that for the same seed and batches its model is
     bit-identical to an ``erm`` run's (DFR reuses finished ERM runs on that ground).
     """
-    logits = model(x)
+    logits = precision.forward(model, x)
     loss = F.cross_entropy(logits, y)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    precision.backward(loss)
+    precision.step(optimizer)
     return logits, loss.item()
 
 
@@ -236,17 +247,27 @@ class Method:
         """Whether training batches carry the spurious-region masks (only the twins have them)."""
         return False
 
+    @classmethod
+    def double_backward(cls, hparams: Mapping[str, Any]) -> str | None:
+        """Why a step differentiates through a gradient (a double backward, which torch.compile cannot
+        compile, so that ``--compile`` is refused), in a clause for the error; None when it does not."""
+        return None
+
     def __init__(self, context: MethodContext) -> None:
         self.context = context
         self.hp = context.hparams
         self.device = context.device
+        self.precision = context.precision
         self.n_classes: int = context.dataset_info["n_classes"]
         self.n_groups: int = context.dataset_info["n_groups"]
 
     # -- helpers for subclasses ---------------------------------------------------------------
     def new_model(self) -> Classifier:
-        """A freshly initialised backbone on the method's device."""
-        return self.context.make_model().to(self.device)
+        """A freshly initialised backbone on the method's device (compiled with ``--compile``)."""
+        model = self.context.make_model().to(self.device)
+        if self.context.compile:
+            compile_model(model)
+        return model
 
     def new_optimizer(self, parameters: Any) -> torch.optim.Optimizer:
         """The optimiser named by the hparams, for these parameters."""
@@ -291,7 +312,8 @@ class Method:
         pass
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"extra": self.extra_state()}
+        # The precision's state (fp16's gradient scales) is saved with the models it scales.
+        state: dict[str, Any] = {"extra": self.extra_state(), "precision": self.precision.state_dict()}
         for key, value in vars(self).items():
             if isinstance(value, (nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler)):
                 state[key] = value.state_dict()
@@ -303,6 +325,7 @@ class Method:
                 if key not in state:
                     raise ValueError(f"checkpoint has no state for {key!r}")
                 value.load_state_dict(state[key])
+        self.precision.load_state_dict(state.get("precision", {}))
         self.load_extra_state(state.get("extra", {}))
 
 

@@ -328,7 +328,7 @@ class DFR(Method):
             self.model.load_state_dict(self.context.base_run.load_state()["model"])
 
     def update(self, batch: Batch) -> dict[str, float]:
-        _, loss = erm_step(self.model, self.optimizer, batch.x, batch.y)
+        _, loss = erm_step(self.model, self.optimizer, batch.x, batch.y, self.precision)
         return {"loss": loss}
 
     def predictors(self) -> dict[str, nn.Module]:

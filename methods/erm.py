@@ -24,7 +24,7 @@ class ERM(Method):
         self.optimizer = self.new_optimizer(self.model.parameters())
 
     def update(self, batch: Batch) -> dict[str, float]:
-        _, loss = erm_step(self.model, self.optimizer, batch.x, batch.y)
+        _, loss = erm_step(self.model, self.optimizer, batch.x, batch.y, self.precision)
         return {"loss": loss}
 
     def predictors(self) -> dict[str, nn.Module]:

@@ -158,13 +158,13 @@ class GroupDRO(Method):
 
     def update(self, batch: Batch) -> dict[str, float]:
         assert batch.group is not None, "GroupDRO needs the training group labels"
-        per_example = F.cross_entropy(self.model(batch.x), batch.y, reduction="none")
+        per_example = F.cross_entropy(self.precision.forward(self.model, batch.x), batch.y, reduction="none")
         group_losses, _ = group_mean_losses(per_example, batch.group, self.n_groups)
         self.q = exponentiated_gradient_step(self.q, group_losses + self.adjustment, self.hp["eta"], self.active)
         robust_loss = group_losses @ self.q.to(group_losses.dtype)
         self.optimizer.zero_grad(set_to_none=True)
-        robust_loss.backward()
-        self.optimizer.step()
+        self.precision.backward(robust_loss)
+        self.precision.step(self.optimizer)
         return {"robust_loss": robust_loss.item(), "mean_loss": per_example.mean().item()}
 
     def predictors(self) -> dict[str, nn.Module]:

@@ -144,7 +144,8 @@ class JTT(Method):
             was_training = self.model.training
             self.model.eval()
             with torch.no_grad():
-                predictions = self.model(data.images("train", unseen, train=False)).argmax(dim=1).cpu()
+                images = data.images("train", unseen, train=False)
+                predictions = self.precision.forward(self.model, images).argmax(dim=1).cpu()
             self.model.train(was_training)
             wrong[unseen] = predictions != labels[unseen]
         return torch.nonzero(wrong).flatten()
@@ -164,7 +165,7 @@ class JTT(Method):
 
     def update(self, batch: Batch) -> dict[str, float]:
         assert self.model is not None and self.optimizer is not None
-        logits, loss = erm_step(self.model, self.optimizer, batch.x, batch.y)
+        logits, loss = erm_step(self.model, self.optimizer, batch.x, batch.y, self.precision)
         if self._collecting:
             # The logits were computed before the optimiser step, as the reference records its
             # training-pass outputs.

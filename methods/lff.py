@@ -184,8 +184,8 @@ class LfF(Method):
 
     def update(self, batch: Batch) -> dict[str, float]:
         ema_biased, ema_debiased = self._emas()
-        logits_biased = self.biased(batch.x)
-        logits_debiased = self.debiased(batch.x)
+        logits_biased = self.precision.forward(self.biased, batch.x)
+        logits_debiased = self.precision.forward(self.debiased, batch.x)
         ce_debiased = F.cross_entropy(logits_debiased, batch.y, reduction="none")
         ema_biased.update(F.cross_entropy(logits_biased, batch.y, reduction="none").detach(), batch.index)
         ema_debiased.update(ce_debiased.detach(), batch.index)
@@ -195,9 +195,8 @@ class LfF(Method):
         loss_debiased = (ce_debiased * weight).mean()
         self.optimizer_biased.zero_grad(set_to_none=True)
         self.optimizer_debiased.zero_grad(set_to_none=True)
-        (loss_biased + loss_debiased).backward()
-        self.optimizer_biased.step()
-        self.optimizer_debiased.step()
+        self.precision.backward(loss_biased + loss_debiased)
+        self.precision.step(self.optimizer_biased, self.optimizer_debiased)
         return {"loss_biased": loss_biased.item(), "loss_debiased": loss_debiased.item(),
                 "mean_weight": weight.mean().item()}
 

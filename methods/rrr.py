@@ -35,15 +35,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.core.precision import Precision
 from methods import register_method
 from methods.base import Batch, Hparam, Method, MethodContext, log_uniform
 
 
-def irrelevant_gradient_penalty(logits: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def irrelevant_gradient_penalty(logits: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, precision: Precision
+                                ) -> torch.Tensor:
     """``mean_b sum_pixels (mask * d/dx sum_k log softmax(logits)_k)^2`` with its graph kept (create_graph),
-    so that the penalty trains the model. ``x`` must require gradients; ``mask`` is ``[B, 1, H, W]``."""
+    so that the penalty trains the model. ``x`` must require gradients; ``mask`` is ``[B, 1, H, W]``; the
+    input gradient is taken through ``precision`` (scaled under fp16)."""
     scalar = F.log_softmax(logits, dim=1).sum()
-    (gradient,) = torch.autograd.grad(scalar, x, create_graph=True)
+    gradient = precision.input_gradient(scalar, x, create_graph=True)
     return (mask * gradient).pow(2).flatten(1).sum(dim=1).mean()
 
 
@@ -66,6 +69,10 @@ class RRR(Method):
     def uses_spurious_masks(cls, hparams: Mapping[str, Any]) -> bool:
         return True
 
+    @classmethod
+    def double_backward(cls, hparams: Mapping[str, Any]) -> str | None:
+        return "rrr trains on a penalty of the model's input gradient, a double backward"
+
     def __init__(self, context: MethodContext) -> None:
         super().__init__(context)
         self.model = self.new_model()
@@ -74,13 +81,13 @@ class RRR(Method):
     def update(self, batch: Batch) -> dict[str, float]:
         assert batch.mask is not None, "rrr needs the spurious-region masks"
         x = batch.x.detach().requires_grad_(True)
-        logits = self.model(x)
+        logits = self.precision.forward(self.model, x)
         ce = F.cross_entropy(logits, batch.y)
-        penalty = irrelevant_gradient_penalty(logits, x, batch.mask)
+        penalty = irrelevant_gradient_penalty(logits, x, batch.mask, self.precision)
         loss = ce + self.hp["penalty_weight"] * penalty
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward(inputs=[p for p in self.model.parameters() if p.requires_grad])
-        self.optimizer.step()
+        self.precision.backward(loss, inputs=[p for p in self.model.parameters() if p.requires_grad])
+        self.precision.step(self.optimizer)
         return {"ce": ce.item(), "penalty": penalty.item()}
 
     def predictors(self) -> dict[str, nn.Module]:

@@ -8,6 +8,7 @@ design notes, the step-cost measurements and the ablation behind the per-dataset
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -294,6 +295,13 @@ class ULE(Method):
         **{name: {**_RESNET50_SGD, "lr": 1e-3, "weight_decay": 1e-4, "epochs": 3} for name in _SPAWRIOUS},
     }
 
+    @classmethod
+    def double_backward(cls, hparams: Mapping[str, Any]) -> str | None:
+        if hparams["reading"] == "saliency":
+            return ("ULE's saliency reading trains the teacher on a penalty of its input gradient, a double backward "
+                    "(--hparams reading=finite_step has none)")
+        return None
+
     def __init__(self, context: MethodContext) -> None:
         super().__init__(context)
         # The student is built first so that, for the same seed, its initialisation is ERM's.
@@ -343,29 +351,26 @@ class ULE(Method):
         target = "loss" if finite else self.hp["grad_target"]
         frozen = self.student_frozen
         self.student.train(not frozen)
-        logits = self.student(x)
+        logits = self.precision.forward(self.student, x)
         loss = F.cross_entropy(logits, y)
         parameters = [] if frozen else _trainable(self.student)
         self.student_optimizer.zero_grad(set_to_none=True)
         gradient = predicted = None
         if not active:
             if parameters:
-                loss.backward(inputs=parameters)
+                self.precision.backward(loss, inputs=parameters)
         elif target == "loss":
-            # dCE_mean/dx is each example's loss gradient / B: one backward gives both gradients.
-            grads = torch.autograd.grad(loss, [x, *parameters], allow_unused=True)
-            gradient = grads[0] * x.shape[0]
-            for parameter, grad in zip(parameters, grads[1:]):
-                parameter.grad = grad
+            # dCE_mean/dx is each example's loss gradient / B: one backward gives both gradients (two under fp16).
+            gradient = self.precision.input_and_parameter_gradients(loss, x, parameters) * x.shape[0]
         else:
             predicted = logits.detach().argmax(dim=1)
             scalar = gradient_scalar(logits, y, target, predicted)
             # To the input only: the engine then skips every weight-gradient computation.
-            (gradient,) = torch.autograd.grad(scalar, x, retain_graph=bool(parameters))
+            gradient = self.precision.input_gradient(scalar, x, retain_graph=bool(parameters))
             if parameters:
-                loss.backward(inputs=parameters)
+                self.precision.backward(loss, inputs=parameters)
         if parameters:
-            self.student_optimizer.step()
+            self.precision.step(self.student_optimizer)
         # autograd.grad without create_graph returns tensors outside any graph: g_S is detached.
         return gradient, loss.item(), predicted
 
@@ -373,12 +378,12 @@ class ULE(Method):
         self, x: torch.Tensor, y: torch.Tensor, student_gradient: torch.Tensor | None,
         student_predicted: torch.Tensor | None,
     ) -> dict[str, float]:
-        logits = self.teacher(x)
+        logits = self.precision.forward(self.teacher, x)
         loss = F.cross_entropy(logits, y)
         log = {"teacher_ce": loss.item()}
         if student_gradient is not None:
             scalar = gradient_scalar(logits, y, self.hp["grad_target"], student_predicted)
-            (teacher_gradient,) = torch.autograd.grad(scalar, x, create_graph=True)
+            teacher_gradient = self.precision.input_gradient(scalar, x, create_graph=True)
             penalty = saliency_penalty(teacher_gradient, student_gradient, self.hp["grad_norm"], self.hp["distance"])
             loss = loss + self.hp["penalty_weight"] * penalty
             log["penalty"] = penalty.item()
@@ -391,7 +396,7 @@ class ULE(Method):
 
     def _teacher_finite_step(self, x: torch.Tensor, moved: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         """``CE(T(x), y) + penalty_weight * CE(T(x'), y)``, one forward of the two batches together."""
-        logits = self.teacher(torch.cat([x, moved]))
+        logits = self.precision.forward(self.teacher, torch.cat([x, moved]))
         clean, shifted = logits.split(len(x))
         loss = F.cross_entropy(clean, y)
         moved_loss = F.cross_entropy(shifted, y)
@@ -400,8 +405,8 @@ class ULE(Method):
 
     def _teacher_optimise(self, loss: torch.Tensor) -> None:
         self.teacher_optimizer.zero_grad(set_to_none=True)
-        loss.backward(inputs=_trainable(self.teacher))
-        self.teacher_optimizer.step()
+        self.precision.backward(loss, inputs=_trainable(self.teacher))
+        self.precision.step(self.teacher_optimizer)
 
     def predictors(self) -> dict[str, nn.Module]:
         return {"teacher": self.teacher, "student": self.student}

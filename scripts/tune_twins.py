@@ -56,7 +56,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.core.backbones import build_backbone  # noqa: E402
+from bench.core.backbones import build_backbone, get_backbone  # noqa: E402
 from bench.core.dataset import SpuriousDataset  # noqa: E402
 from bench.core.metrics import GroupStructure, summarize  # noqa: E402
 from datasets import get_dataset  # noqa: E402
@@ -66,10 +66,11 @@ EVAL_BATCH = 512
 
 
 def normalised(dataset: SpuriousDataset, split: str) -> torch.Tensor:
-    """A split's images as float tensors normalised by the dataset's mean/std (held in memory: they are small)."""
+    """A split's images as float tensors normalised as small-cnn's input (held in memory: they are small)."""
     pixels = dataset.splits[split].images.pixels.float() / 255.0
-    mean = torch.tensor(dataset.mean).view(1, 3, 1, 1)
-    std = torch.tensor(dataset.std).view(1, 3, 1, 1)
+    normalisation = get_backbone("small-cnn").input.normalisation
+    mean = torch.tensor(normalisation.mean).view(1, 3, 1, 1)
+    std = torch.tensor(normalisation.std).view(1, 3, 1, 1)
     return (pixels - mean) / std
 
 

@@ -14,11 +14,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-from bench.core.backbones import SYMMETRIC_NORMALISATION, build_backbone
+from bench.core.backbones import SYMMETRIC_NORMALISATION, Classifier, build_backbone
 from bench.core.dataset import InMemoryImages, SpuriousDataset, make_split
 from bench.core.device_data import DeviceData
 from bench.core.metrics import GroupStructure
+from bench.core.precision import Precision
 from bench.core.records import RunDir
 from bench.trainer import Progress, seed_everything, train
 from methods.base import Batch, Method, MethodContext, resolve_hparams
@@ -65,18 +67,37 @@ def toy_dataset(seed: int = 0, scramble_train_groups: bool = False) -> SpuriousD
                            attr_value_names=[["no", "yes"]], splits=splits, average_kind="group_mean")
 
 
-def hparams_for(cls: type[Method]) -> dict[str, Any]:
-    return resolve_hparams(cls, "contract-toy", PROTOCOL, OVERRIDES.get(cls.name, {}))
+def hparams_for(cls: type[Method], overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    return resolve_hparams(cls, "contract-toy", PROTOCOL, {**OVERRIDES.get(cls.name, {}), **(overrides or {})})
 
 
-def build(cls: type[Method], dataset: SpuriousDataset, seed: int = 0) -> tuple[Method, DeviceData]:
-    hparams = hparams_for(cls)
+def smooth_cnn(n_classes: int = 2) -> Classifier:
+    """A small CNN with smooth activations (tanh, average pooling) for the precision checks.
+
+    With ReLU and max-pooling (the small-cnn backbone), an input gradient is discontinuous in the input:
+    a rounding that flips one max-pool choice or one ReLU moves the gradient to another pixel. ULE's
+    saliency penalty is then ill-conditioned at initialisation (its parameter gradient changes by about
+    14% in float32 when only the input is rounded to bf16), so a comparison of precisions on it would
+    measure that, not whether a method computes correctly in mixed precision.
+    """
+    featurizer = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Tanh(), nn.Conv2d(8, 16, 3, padding=1), nn.Tanh(),
+                               nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return Classifier(featurizer, 16, n_classes)
+
+
+def build(cls: type[Method], dataset: SpuriousDataset, seed: int = 0, precision: str = "fp32",
+          overrides: dict[str, Any] | None = None, smooth: bool = False) -> tuple[Method, DeviceData]:
+    """The method on the toy, with the small-cnn backbone (``smooth``: :func:`smooth_cnn`)."""
+    hparams = hparams_for(cls, overrides)
     seed_everything(seed)
+    arithmetic = Precision(precision)
+    make_model = smooth_cnn if smooth else lambda: build_backbone("small-cnn", dataset.n_classes)
     context = MethodContext(hparams=hparams, dataset_info=dataset.info(), device=torch.device("cpu"),
-                            make_model=lambda: build_backbone("small-cnn", dataset.n_classes), seed=seed)
+                            make_model=make_model, seed=seed, precision=arithmetic)
     method = cls(context)
     data = DeviceData(dataset, torch.device("cpu"), cls.uses_train_group_labels(hparams),
-                      normalisation=SYMMETRIC_NORMALISATION, masks_allowed=cls.uses_spurious_masks(hparams))
+                      normalisation=SYMMETRIC_NORMALISATION, masks_allowed=cls.uses_spurious_masks(hparams),
+                      precision=arithmetic)
     return method, data
 
 
@@ -161,12 +182,14 @@ def check_state_round_trip(cls: type[Method]) -> None:
                                    "per-example state missing from state_dict()?)")
 
 
-def _run(cls: type[Method], folder: Path, interrupt_after: int | None, scramble: bool = False
-         ) -> tuple[RunDir, Method]:
+def _run(cls: type[Method], folder: Path, interrupt_after: int | None, scramble: bool = False,
+         precision: str = "fp32") -> tuple[RunDir, Method]:
     dataset = toy_dataset(scramble_train_groups=scramble)
     run_dir = RunDir(folder)
     run_dir.path.mkdir(parents=True, exist_ok=True)
-    method, data = build(cls, dataset)
+    # Low precisions on the smooth network: small-cnn's kernels are slow in bf16/fp16 on a CPU.
+    smooth = precision != "fp32"
+    method, data = build(cls, dataset, precision=precision, smooth=smooth)
     epochs = [0]
 
     def on_epoch_end() -> None:
@@ -178,7 +201,7 @@ def _run(cls: type[Method], folder: Path, interrupt_after: int | None, scramble:
     try:
         train(method, data, run_dir, 0, structure, Progress(quiet=True), on_epoch_end)
     except Interrupted:
-        method, data = build(cls, dataset)  # a new process: everything comes from the checkpoint
+        method, data = build(cls, dataset, precision=precision, smooth=smooth)  # a new process: all from the checkpoint
         train(method, data, run_dir, 0, structure, Progress(quiet=True))
     return run_dir, method
 
@@ -187,15 +210,87 @@ def _evaluations(run_dir: RunDir) -> list[Any]:
     return [(r["stage"], r["epoch"], r["eval"], r["train"]) for r in run_dir.read_metrics()]
 
 
-def check_resume_equals_uninterrupted(cls: type[Method], folder: Path) -> None:
-    """Killed after its first epoch and resumed, a run records what an uninterrupted one records."""
-    whole, _ = _run(cls, folder / "whole", None)
-    resumed, _ = _run(cls, folder / "resumed", interrupt_after=1)
+def check_resume_equals_uninterrupted(cls: type[Method], folder: Path, precision: str = "fp32") -> None:
+    """Killed after its first epoch and resumed, a run records what an uninterrupted one records (in
+    ``precision``: the fp16 gradient scales are part of the state)."""
+    whole, _ = _run(cls, folder / "whole", None, precision=precision)
+    resumed, _ = _run(cls, folder / "resumed", interrupt_after=1, precision=precision)
     assert _evaluations(resumed) == _evaluations(whole), f"{cls.name}: a resumed run differs from an uninterrupted one"
     final_whole = torch.load(whole.checkpoint, weights_only=False)["method"]
     final_resumed = torch.load(resumed.checkpoint, weights_only=False)["method"]
     assert all(torch.equal(a, b) for a, b in zip(_tensors(final_whole), _tensors(final_resumed), strict=True)), \
         f"{cls.name}: the resumed run ends in another state"
+    assert final_whole.get("precision") == final_resumed.get("precision"), \
+        f"{cls.name}: the resumed run ends with other gradient scales (is the precision's state saved?)"
+
+
+# Tolerances of one step in bf16/fp16 against float32 on the smooth toy network, relative (in norm): about
+# ten unit roundoffs (bf16 2**-8 = 3.9e-3, fp16 2**-11 = 4.9e-4), a few times what every method and every
+# continuous ULE reading measured (at most 1.2e-2 in bf16, ULE's orthogonal distance, and 7.8e-4 in fp16;
+# test_ule.py says why max-abs normalisation needs more). A method that steps on fp16's scaled gradients
+# is off by a factor of thousands; one that skips autocast is caught by the steps being identical.
+STEP_TOLERANCE = {"bf16": 3e-2, "fp16": 5e-3}
+# For logged values (losses, ULE's saliency cosine), relative to max(|value|, 1); measured at most 1.4e-3
+# (bf16) and 2.7e-4 (fp16).
+LOSS_TOLERANCE = {"bf16": 3e-2, "fp16": 5e-3}
+# Plain SGD without weight decay: the step is the gradient itself (Adam's first step is its sign, which
+# flips with any rounding of a gradient entry near 0; weight decay would add the same term to both sides).
+AGREEMENT_OPTIMIZER = {"optimizer": "sgd", "lr": 0.1, "momentum": 0.0, "weight_decay": 0.0}
+MAX_SKIPPED_STEPS = 20
+
+
+def _one_step(cls: type[Method], precision: str, overrides: dict[str, Any] | None, epoch: int = 0,
+              scales: dict[str, Any] | None = None) -> tuple[dict[str, float], dict[str, torch.Tensor], Method]:
+    settings = {**AGREEMENT_OPTIMIZER, **(overrides or {})}
+    method, data = build(cls, toy_dataset(), precision=precision, overrides=settings, smooth=True)
+    if scales is not None:
+        method.precision.load_state_dict(scales)
+    stage = _first_gradient_stage(method)
+    method.begin_stage(stage, data, resuming=False)
+    method.begin_epoch(stage, epoch)
+    before = {name: _flat(model) for name, model in method.predictors().items()}
+    indices = torch.randperm(data.n("train"), generator=torch.Generator().manual_seed(0))[:32]
+    losses = method.update(_batch(method, data, indices))
+    steps = {name: _flat(model) - before[name] for name, model in method.predictors().items()}
+    return losses, steps, method
+
+
+def _flat(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+
+
+def check_precision_agrees_with_fp32(cls: type[Method], precision: str, overrides: dict[str, Any] | None = None,
+                                     epoch: int = 0, step_tolerance: float | None = None) -> None:
+    """One step (in epoch ``epoch`` of the first stage) in ``precision`` logs the losses and moves every model
+    as the float32 step does, within the stated tolerances, and not identically (the precision was
+    applied); a model float32 does not move does not move. fp16 may skip its first steps when its
+    gradients overflow at the initial scale, as GradScaler does; the step compared is the first one taken
+    (the same batch from the same initialisation, at the scale it settled on). ``step_tolerance`` replaces
+    :data:`STEP_TOLERANCE` for a step that is discontinuous in its inputs (see test_ule.py)."""
+    reference_losses, reference_steps, _ = _one_step(cls, "fp32", overrides, epoch)
+    scales = None
+    for _ in range(MAX_SKIPPED_STEPS):
+        scale = scales["scaler"]["scale"] if scales else Precision(precision).scaler.get_scale()
+        losses, steps, method = _one_step(cls, precision, overrides, epoch, scales)
+        if method.precision.scaler.get_scale() >= scale:  # no step skipped (always so without a scaler)
+            break
+        scales = method.precision.state_dict()  # a step overflowed and was skipped: take it at the lower scale
+    else:
+        raise AssertionError(f"{cls.name}: fp16 skipped {MAX_SKIPPED_STEPS} steps in a row")
+    assert losses.keys() == reference_losses.keys(), f"{cls.name}: {precision} logs other values"
+    for key, value in losses.items():
+        expected = reference_losses[key]
+        assert abs(value - expected) <= LOSS_TOLERANCE[precision] * max(abs(expected), 1.0), \
+            f"{cls.name}: {key} = {value} in {precision}, {expected} in fp32"
+    for name, step in steps.items():
+        expected = reference_steps[name]
+        if not expected.any():
+            assert not step.any(), f"{cls.name}: the {name} moved in {precision}, not in fp32"
+            continue
+        error = float((step - expected).norm() / expected.norm())
+        tolerance = step_tolerance or STEP_TOLERANCE[precision]
+        assert error <= tolerance, f"{cls.name}: the {name}'s {precision} step is off by {error:.2e}"
+        assert not torch.equal(step, expected), f"{cls.name}: the {name}'s {precision} step is float32's (no autocast?)"
 
 
 def check_training_groups_only_when_declared(cls: type[Method], folder: Path) -> None:

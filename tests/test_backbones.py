@@ -28,6 +28,7 @@ from bench.core.backbones import (
 from bench.core.dataset import InMemoryImages, SpuriousDataset, make_split
 from bench.core.device_data import DeviceData
 from bench.core.errors import ConfigError
+from bench.core.precision import Precision
 from methods import get_method
 from methods.base import resolve_hparams
 
@@ -260,6 +261,51 @@ def test_one_ule_step_through_efficientnet_lite0(one_thread) -> None:
     stem = "featurizer.conv_stem.weight"
     assert not torch.allclose(with_penalty[stem], without[stem])
     assert not torch.allclose(with_penalty["featurizer.bn1.weight"], without["featurizer.bn1.weight"])
+
+
+# --------------------------------------------------------------------------------------------
+# Channels-last (what CUDA runs use, bench.core.backbones.memory_format) and bf16 autocast, on the CPU
+
+
+def test_efficientnet_lite0_in_bf16_and_channels_last_classifies_the_photos_as_in_fp32(lite0_imagenet) -> None:
+    import copy
+
+    import skimage.data
+    import timm
+    from PIL import Image
+
+    net = lite0_imagenet[0]
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=net))
+    x = torch.cat([transform(Image.fromarray(getattr(skimage.data, name)()))[None]
+                   for name in ("chelsea", "coffee", "astronaut", "rocket")])
+    channels_last = copy.deepcopy(net).to(memory_format=torch.channels_last)
+    x_last = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        reference = net(x).softmax(dim=1)
+        same_math = Precision("fp32").forward(channels_last, x_last).softmax(dim=1)
+        bf16 = Precision("bf16").forward(channels_last, x_last)
+    torch.testing.assert_close(same_math, reference, atol=1e-5, rtol=0)
+    assert bf16.dtype == torch.float32  # autocast's outputs come back as float32
+    assert torch.equal(bf16.argmax(dim=1), reference.argmax(dim=1))
+    assert float((bf16.softmax(dim=1) - reference).abs().max()) < 0.05  # 0.019 measured
+
+
+@pytest.mark.parametrize("backbone", ["efficientnet-lite0", "timm/mobilenetv3_small_050"])
+def test_a_bf16_step_on_channels_last_weights_trains_every_parameter(one_thread, backbone) -> None:
+    from methods.base import erm_step
+
+    torch.manual_seed(0)
+    model = build_backbone(backbone, 2).to(memory_format=torch.channels_last)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    logits, loss = erm_step(model, optimizer, x.contiguous(memory_format=torch.channels_last),
+                            torch.tensor([0, 1, 0, 1]), Precision("bf16"))
+    assert logits.dtype == torch.float32 and np.isfinite(loss)
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p).all() and not torch.equal(p, before[name]), name
+        if p.dim() == 4:  # the optimiser step kept the convolutions' layout
+            assert p.is_contiguous(memory_format=torch.channels_last), name
 
 
 # --------------------------------------------------------------------------------------------

@@ -170,3 +170,64 @@ def test_run_table_fits_a_terminal(capsys, tmp_path, data):
     assert max(len(line) for line in lines) <= 100, max(lines, key=len)
     models = [line.split("|")[2].strip() for line in lines if line.startswith("| 0 ")]
     assert models == ["debiased", "biased"]  # the second model is a second row, not more columns
+
+
+# ------------------------------------------------------------------------------------------------
+# --precision and --compile
+
+
+def test_precision_and_compile_enter_the_identity_only_when_not_the_default(data):
+    from bench.core.records import config_hash
+    from bench.runner import RunRequest, run_identity
+
+    def identity(method="erm", **flags):
+        return run_identity(RunRequest(method=method, dataset="custom", data_root=str(data), **flags))
+
+    plain = identity()
+    assert "precision" not in plain and "compile" not in plain
+    assert config_hash(identity(precision="fp32", compile=False)) == config_hash(plain)
+    assert identity(precision="bf16")["precision"] == "bf16"
+    assert len({config_hash(identity(precision=p)) for p in ("fp32", "bf16", "fp16")}) == 3
+    assert identity(compile=True)["compile"] is True
+    assert identity("ule", compile=True, hparam_overrides=["reading=finite_step"])["compile"] is True
+
+
+@pytest.mark.parametrize("method,expected", [
+    ("ule", "--compile: ULE's saliency reading trains the teacher on a penalty of its input gradient, a double "
+            "backward (--hparams reading=finite_step has none), which torch.compile cannot compile"),
+    ("rrr", "--compile: rrr trains on a penalty of the model's input gradient, a double backward, which "
+            "torch.compile cannot compile; run without --compile"),
+])
+def test_compile_is_refused_for_a_double_backward(capsys, tmp_path, data, method, expected):
+    _user_error(capsys, ["run", "--method", method, "--dataset", "custom", "--data-root", str(data), "--compile"],
+                tmp_path, expected)
+
+
+def test_a_bf16_run_records_its_precision_in_another_folder(tmp_path, data):
+    args = ["run", "--method", "erm", "--dataset", "custom", "--data-root", str(data), "--backbone", "small-cnn",
+            "--epochs", "1", "--quiet", "--hparams", "pretrained=false", "batch_size=4", "--out", str(tmp_path)]
+    assert main(args) == 0
+    assert main(args + ["--precision", "bf16"]) == 0
+    configs = {run.parent.name: json.loads((run / "config.json").read_text())
+               for run in tmp_path.glob("custom/erm/*/seed0")}
+    assert sorted(c["precision"] for c in configs.values()) == ["bf16", "fp32"]
+    assert all(c["compile"] is False for c in configs.values())
+
+
+def test_a_compiled_run_trains_and_keeps_plain_checkpoint_keys(tmp_path, data, monkeypatch):
+    from bench.core import backbones
+
+    monkeypatch.setattr(backbones, "COMPILE_BACKEND", "aot_eager")
+    args = ["run", "--method", "erm", "--dataset", "custom", "--data-root", str(data), "--backbone", "small-cnn",
+            "--epochs", "1", "--quiet", "--hparams", "pretrained=false", "batch_size=4", "--compile",
+            "--out", str(tmp_path)]
+    try:
+        assert main(args) == 0
+    finally:
+        torch._dynamo.reset()
+    (run,) = tmp_path.glob("custom/erm/*/seed0")
+    assert json.loads((run / "config.json").read_text())["compile"] is True
+    state = torch.load(run / "checkpoint.pt", weights_only=False)["method"]["model"]
+    plain = backbones.build_backbone("small-cnn", 2)
+    assert list(state) == list(plain.state_dict())  # no "_orig_mod." prefix
+    plain.load_state_dict(state)

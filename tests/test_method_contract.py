@@ -8,13 +8,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch.nn.functional as F
 from method_contract import (
     check_builds_and_steps,
+    check_precision_agrees_with_fp32,
     check_resume_equals_uninterrupted,
     check_state_round_trip,
     check_training_groups_only_when_declared,
 )
 
+from bench.core.errors import DataError
 from datasets import dataset_names
 from methods import get_method, method_names
 from methods.base import resolve_hparams
@@ -40,6 +43,18 @@ def test_state_round_trip(name: str) -> None:
 @pytest.mark.parametrize("name", METHODS)
 def test_resume_equals_uninterrupted(name: str, tmp_path: Path) -> None:
     check_resume_equals_uninterrupted(get_method(name), tmp_path)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("name", METHODS)
+def test_one_step_in_mixed_precision_agrees_with_fp32(name: str, precision: str) -> None:
+    check_precision_agrees_with_fp32(get_method(name), precision)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("name", METHODS)
+def test_resume_equals_uninterrupted_in_mixed_precision(name: str, precision: str, tmp_path: Path) -> None:
+    check_resume_equals_uninterrupted(get_method(name), tmp_path, precision=precision)
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -86,6 +101,63 @@ class ReadsTrainingGroups(ERM):
             group.data.mul_(1.0 + 1e-3 * counts[0] / sum(counts))
             break
         return super().update(batch)
+
+
+class StepsScaledGradients(ERM):
+    """ERM whose optimiser step bypasses the precision (fp16: it steps on the scaled gradients)."""
+
+    name = "erm-unscaled"
+
+    def update(self, batch):  # type: ignore[no-untyped-def]
+        loss = F.cross_entropy(self.precision.forward(self.model, batch.x), batch.y)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.precision.backward(loss)
+        self.optimizer.step()
+        return {"loss": loss.item()}
+
+
+class IgnoresAutocast(ERM):
+    """ERM whose forward pass is always float32."""
+
+    name = "erm-fp32-only"
+
+    def update(self, batch):  # type: ignore[no-untyped-def]
+        loss = F.cross_entropy(self.model(batch.x), batch.y)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.precision.backward(loss)
+        self.precision.step(self.optimizer)
+        return {"loss": loss.item()}
+
+
+class ForgetsItsScales(ERM):
+    """ERM whose resume does not restore the fp16 gradient scales."""
+
+    name = "erm-no-scales"
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+class SavesNoScales(ERM):
+    """ERM whose checkpoint leaves out the fp16 gradient scales."""
+
+    name = "erm-saves-no-scales"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {key: value for key, value in super().state_dict().items() if key != "precision"}
+
+
+def test_methods_that_bypass_the_precision_fail_the_contract(tmp_path: Path) -> None:
+    with pytest.raises(AssertionError, match="erm-unscaled: the model's fp16 step is off by"):
+        check_precision_agrees_with_fp32(StepsScaledGradients, "fp16")
+    with pytest.raises(AssertionError, match=r"erm-fp32-only: the model's bf16 step is float32's \(no autocast\?\)"):
+        check_precision_agrees_with_fp32(IgnoresAutocast, "bf16")
+    with pytest.raises(AssertionError, match="erm-no-scales: the resumed run ends with other gradient scales"):
+        check_resume_equals_uninterrupted(ForgetsItsScales, tmp_path / "forgets", precision="fp16")
+    # The trainer's resume check turns the precision's refusal into the one-line error of a damaged checkpoint.
+    with pytest.raises(DataError, match="unreadable checkpoint .*the checkpoint has no fp16 gradient-scaler state"):
+        check_resume_equals_uninterrupted(SavesNoScales, tmp_path / "saves-none", precision="fp16")
 
 
 def test_a_method_that_forgets_its_optimizer_fails_the_contract(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from bench.core.backbones import SYMMETRIC_NORMALISATION, Classifier
 from bench.core.dataset import InMemoryImages, SpuriousDataset, make_split
 from bench.core.device_data import DeviceData
 from bench.core.errors import ConfigError
+from bench.core.precision import Precision
 from bench.runner import RunRequest, prepare
 from methods.base import Batch, MethodContext, resolve_hparams
 from methods.erm import ERM
@@ -37,7 +38,7 @@ def test_penalty_matches_the_closed_form_of_a_linear_model() -> None:
     x = torch.randn(5, 6, generator=generator, dtype=torch.float64).requires_grad_(True)
     mask = (torch.rand(5, 6, generator=generator) > 0.5).double()
     logits = model(x)
-    penalty = irrelevant_gradient_penalty(logits, x, mask)
+    penalty = irrelevant_gradient_penalty(logits, x, mask, Precision())
     weight = model.classifier.weight.detach()
     p = F.softmax(logits.detach(), dim=1)
     closed = weight.sum(0)[None, :] - 3 * p @ weight
@@ -56,7 +57,7 @@ def test_parameter_gradient_matches_central_differences() -> None:
     def loss() -> torch.Tensor:
         leaf = x.clone().requires_grad_(True)
         logits = model(leaf)
-        return F.cross_entropy(logits, y) + 3.0 * irrelevant_gradient_penalty(logits, leaf, mask)
+        return F.cross_entropy(logits, y) + 3.0 * irrelevant_gradient_penalty(logits, leaf, mask, Precision())
 
     analytic = torch.autograd.grad(loss(), [model.classifier.weight])[0]
     numeric = torch.zeros_like(analytic)

@@ -458,3 +458,21 @@ def test_deterministic_reaches_every_planned_run_and_leaves_the_sweep_id_alone(d
     assert [run.request.deterministic for run in plan(plain)] == [False]
     with pytest.raises(ConfigError, match="deterministic: expected true or false"):
         _spec(data, tmp_path, deterministic="yes")
+
+
+def test_precision_and_compile_reach_every_planned_run_and_the_sweep_id_only_when_set(data, tmp_path):
+    plain = _spec(data, tmp_path)
+    assert _spec(data, tmp_path, precision="fp32", compile=False).sweep_id == plain.sweep_id
+    mixed = _spec(data, tmp_path, precision="bf16", compile=True)
+    assert mixed.sweep_id != plain.sweep_id
+    (run,) = plan(mixed)
+    assert (run.request.precision, run.request.compile) == ("bf16", True)
+    assert run.run_dir.path.parent != plan(plain)[0].run_dir.path.parent  # another run identity
+    with pytest.raises(ConfigError, match="--precision 'half': choose one of fp32, bf16, fp16"):
+        _spec(data, tmp_path, precision="half")
+    with pytest.raises(ConfigError, match="compile: expected true or false"):
+        _spec(data, tmp_path, compile="yes")
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text("methods: [erm]\ndatasets: [custom]\nprecision: fp16\ncompile: true\n")
+    settings = load_sweep_file(sweep_file)
+    assert (settings["precision"], settings["compile"]) == ("fp16", True)

@@ -316,3 +316,34 @@ def build_backbone(
 ) -> Classifier:
     """Build a fresh classifier; the caller seeds torch beforehand for a reproducible init."""
     return get_backbone(name).build(n_classes, in_channels, pretrained, weights)
+
+
+def memory_format(device: torch.device) -> torch.memory_format:
+    """The memory format of the backbones' weights and input batches on ``device``.
+
+    The built-in backbones are convolutional. On CUDA, channels-last (NHWC) lets cuDNN use its tensor-core
+    convolution kernels without transposing every activation (the larger gain under bf16/fp16); on
+    the CPU the default (NCHW) layout is kept, so CPU runs compute exactly what they always did. A timm
+    model without convolutions past its stem (a ViT) is unaffected beyond that stem: the format only
+    changes how 4-d tensors are laid out, never what they hold.
+    """
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
+# torch.compile's backend. Tests set "aot_eager": the same graph capture and compiled autograd, without
+# generating kernels (which takes about a minute on a CPU).
+COMPILE_BACKEND = "inductor"
+
+
+def compile_model(model: nn.Module) -> None:
+    """Compile ``model``'s forward pass in place (``nn.Module.compile``: its ``state_dict`` keys stay those
+    of the plain module, so checkpoints of compiled and plain runs load into each other).
+
+    Methods take several backward passes over one forward graph (``retain_graph``: ULE's student, fp16's
+    input gradients), which AOTAutograd's donated buffers forbid; they are a memory optimisation only,
+    so they are turned off.
+    """
+    import torch._functorch.config
+
+    torch._functorch.config.donated_buffer = False
+    model.compile(backend=COMPILE_BACKEND)

@@ -121,6 +121,47 @@ class FileImages:
         return torch.stack([self.load(int(i), train) for i in indices])
 
 
+# Training augmentations of cached frames that bench.core.device_data can apply on the device, to a batch.
+DEVICE_AUGMENTATIONS = ("none", "flip", "resized_crop_flip")
+
+
+@dataclass(frozen=True)
+class FrameTransform:
+    """How a cached frame becomes a model input, in terms that can be applied to a whole batch.
+
+    ``crop`` (h, w): the output size; evaluation takes the frame's centre crop of that size (offsets
+    rounded as torchvision's ``CenterCrop``). ``augment``: the training augmentation, ``none`` (as
+    evaluation), ``flip`` (as evaluation, then a horizontal flip with probability 1/2),
+    ``resized_crop_flip`` (torchvision's ``RandomResizedCrop(crop, crop_scale, crop_ratio)`` of the frame,
+    then the flip) or the name of one only the dataset's own code applies (e.g. colour jitter).
+    """
+
+    crop: tuple[int, int]
+    augment: str = "none"
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+    @property
+    def on_device(self) -> bool:
+        """Whether the device can apply the training augmentation (evaluation it always can)."""
+        return self.augment in DEVICE_AUGMENTATIONS
+
+
+class FrameImages(FileImages):
+    """File images whose decoded frames are also held as one uint8 array (the image cache), so that a batch
+    can be gathered as whole frames and transformed on the device (``transform``).
+
+    ``frames()``: uint8 ``[N_all, 3, H, W]`` (a memory map); ``rows``: this split's rows of it, by position.
+    ``load_batch`` still applies the whole transform on the host.
+    """
+
+    rows: np.ndarray
+    transform: FrameTransform
+
+    def frames(self) -> np.ndarray:
+        raise NotImplementedError
+
+
 @dataclass
 class Split:
     """One split of a dataset: labels, attributes, groups and the image source."""

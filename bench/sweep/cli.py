@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from bench.core.precision_names import PRECISIONS
 from bench.core.selection import DEFAULT_RULE
 from bench.display import display_path
 from bench.sweep.launchers import LAUNCHERS, REGISTRY
@@ -58,6 +59,9 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--workers", type=int, help="data loading worker processes per run")
     what.add_argument("--deterministic", action="store_true", default=None,
                       help="deterministic CUDA kernels in every run (see bench run --deterministic)")
+    what.add_argument("--precision", choices=PRECISIONS, help="the networks' arithmetic in every run: fp32 "
+                                                               "(default), bf16 or fp16 (see bench run --precision)")
+    what.add_argument("--compile", action="store_true", default=None, help="torch.compile the models of every run")
     how = parser.add_argument_group("how to launch")
     how.add_argument("--launcher", choices=LAUNCHERS,
                      help="local: one run after another here (default); local-parallel: local processes "

@@ -74,7 +74,8 @@ def _runs_for(
                     method=method, dataset=dataset, hparam_overrides=list(spec.hparam_overrides),
                     epochs=spec.epochs, backbone=spec.backbone, data_root=data_root,
                     dataset_options=dict(spec.data_options), weights=spec.weights, out=out, device=spec.device,
-                    workers=spec.workers, draw=draw, deterministic=spec.deterministic,
+                    workers=spec.workers, draw=draw, deterministic=spec.deterministic, precision=spec.precision,
+                    compile=spec.compile,
                 )
                 identity = run_identity(request)  # validates method, dataset, hparams; loads nothing
                 tuned = tuple((n, identity["hparams"][n]) for n in tuned_names)

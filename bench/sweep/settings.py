@@ -12,6 +12,7 @@ from typing import Any
 
 from bench.core import records
 from bench.core.errors import ConfigError
+from bench.core.precision_names import DEFAULT_PRECISION, check_name
 from bench.core.selection import DEFAULT_RULE, RULES
 
 STAGES = ("all", "search", "seeds")
@@ -23,8 +24,9 @@ SWEEP_RULES = tuple(name for name in RULES if name.startswith("val-"))
 
 @dataclass(frozen=True)
 class SweepSpec:
-    """What a sweep runs. Everything here except ``out``/``data_root``/``device``/``workers`` defines the
-    sweep id; launch settings (partition, memory, ...) do not, so a sweep can be relaunched elsewhere."""
+    """What a sweep runs. Everything here except ``out``/``data_root``/``device``/``workers``/``deterministic``
+    defines the sweep id; launch settings (partition, memory, ...) do not, so a sweep can be relaunched
+    elsewhere."""
 
     methods: tuple[str, ...]
     datasets: tuple[str, ...]
@@ -43,6 +45,8 @@ class SweepSpec:
     device: str = "auto"
     workers: int = 0
     deterministic: bool = False  # like device: how the runs compute, not what; not in the sweep id
+    precision: str = DEFAULT_PRECISION  # part of every run's identity (and the sweep id) when not the default
+    compile: bool = False  # likewise
 
     def identity(self) -> dict[str, Any]:
         """The fields that define which runs the sweep plans."""
@@ -57,6 +61,11 @@ class SweepSpec:
             "weights": self.weights,
             "data_options": dict(self.data_options),
         }
+        # Only when not the default, so that the ids of existing sweeps stay the same.
+        if self.precision != DEFAULT_PRECISION:
+            spec["precision"] = self.precision
+        if self.compile:
+            spec["compile"] = True
         if self.stage in ("all", "seeds"):
             spec["seeds"] = self.seeds
         if self.stage in ("search", "seeds"):
@@ -264,6 +273,8 @@ def build_settings(settings: dict[str, Any]) -> tuple[SweepSpec, LaunchOptions]:
         device=str(settings.get("device") or "auto"),
         workers=_as_int("workers", settings.get("workers", 0), 0),  # type: ignore[arg-type]
         deterministic=_as_bool("deterministic", settings.get("deterministic", False)),
+        precision=check_name(str(settings.get("precision") or DEFAULT_PRECISION)),
+        compile=_as_bool("compile", settings.get("compile", False)),
     )
     launcher = settings.get("launcher") or "local"
     if launcher not in LAUNCHER_NAMES:
