@@ -204,6 +204,11 @@ class ULE(Method):
         "arXiv 2409.02792 (2024); Pattern Analysis and Applications 28(4) (2025)"
     )
     primary = "teacher"
+    caveat = (
+        "a reconstruction from the paper's abstract (no public code exists); in every setting measured here "
+        "(synthetic twins, small CNN from scratch; exported twins, pretrained efficientnet-lite0) its teacher "
+        "does not beat ERM (docs/ule.md)"
+    )
 
     own_hparams: ClassVar[dict[str, Hparam]] = {
         "penalty_weight": Hparam(
