@@ -133,8 +133,12 @@ def test_failed_runs_show_with_their_error_in_status(slurm_env, tmp_path, capsys
     out = tmp_path / "results"
     common = ["sweep", *TINY, "--data-root", str(data), "--out", str(out), "--epochs", "2"]
     nan_loss = [*common, "--hparams", "backbone=small-cnn", "pretrained=false", "batch_size=16", "lr=1e30"]
-    bad_option = [*common, "--data-option", "average=bogus"]
-    assert main(nan_loss) == 0 and main(bad_option) == 0
+    # A data error met inside the job (a bad --data-option is refused before submitting, exit 2).
+    broken = write_custom_dataset(tmp_path / "broken", n_per_group=6)
+    (broken / "img" / "train_1_blue_1.png").write_text("not an image, named .png")
+    unreadable = ["sweep", *TINY, "--data-root", str(broken), "--out", str(out), "--epochs", "2"]
+    assert main([*common, "--data-option", "average=bogus"]) == 2
+    assert main(nan_loss) == 0 and main(unreadable) == 0
     capsys.readouterr()
     counts = _wait_until(lambda: (c := _counts(out)) and c["failed"] == 2 and c, 120, "both runs to fail")
     assert counts["done"] == 0 and counts["pending"] == 0
@@ -142,7 +146,8 @@ def test_failed_runs_show_with_their_error_in_status(slurm_env, tmp_path, capsys
     assert main(["status", str(out)]) == 0
     report = capsys.readouterr().out
     assert "NonFiniteLossError: loss = nan" in report
-    assert "DataError: --data-option average=bogus: choose one of" in report
+    flat = " ".join(report.split())  # status wraps its lines
+    assert "DataError: " in flat and "train_1_blue_1.png: cannot read image" in flat
     assert report.count("FAILED erm custom") == 2 and "[job " in report
     failed_jobs = [f["job_id"] for r in status_reports(str(out)) for f in r["failed"]]
     _wait_until(lambda: set(slurm_job_states(failed_jobs).values()) == {"FAILED"}, 30, "sacct to show FAILED")
