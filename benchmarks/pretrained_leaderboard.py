@@ -18,7 +18,6 @@ ordinary run folder; finished seeds are reused, so an interrupted benchmark cont
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import shlex
 import sys
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 
 from bench.cli import main as bench
+from bench.core.records import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTES_MARKER = "<!-- notes below are written by hand and kept when this file is regenerated -->"
@@ -70,7 +70,7 @@ def recorded_seconds(out: Path) -> list[tuple[str, str, float, int]]:
     """(dataset, method, mean train_seconds_total over seeds, seeds) of every config under ``out``."""
     rows = []
     for config_dir in sorted(out.glob("*/*/*")):
-        finals = [json.loads(path.read_text()) for path in config_dir.glob("seed*/final.json")]
+        finals = [run.read_final() for run in map(RunDir, sorted(config_dir.glob("seed*"))) if run.is_done()]
         if finals:
             seconds = sum(f.get("train_seconds_total", 0.0) for f in finals) / len(finals)
             rows.append((config_dir.parts[-3], config_dir.parts[-2], seconds, len(finals)))

@@ -107,6 +107,7 @@ def resolve_data_root(data_root: str | Path | None) -> Path | None:
 
 _LOADED: dict[tuple, SpuriousDataset] = {}
 
+
 def subsample_fraction(options: dict[str, Any]) -> float | None:
     """The ``subsample`` option as a fraction in (0, 1], None when absent; ConfigError otherwise."""
     if SUBSAMPLE_OPTION not in options:
